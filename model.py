@@ -257,20 +257,24 @@ class GPT(nn.Module):
     # --- generation ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cache=None):
         """Sample max_new_tokens after idx (B, T). With the cache, the prompt is run once and
-        each new token costs one position; without it, the whole window is recomputed."""
-        cache, seen = None, 0  # seen: tokens the cache holds
+        each new token costs one position; without it, the whole window is recomputed.
+        Pass an empty `cache` (from new_cache) to inspect it afterwards; if the text outgrows
+        block_size, generation restarts on a fresh cache that holds the last window."""
+        seen = 0  # tokens the cache holds
         for _ in range(max_new_tokens):
-            if not use_cache or cache is None or seen >= self.config.block_size:
-                # (re)start: run the last block_size tokens in full (the cache window slid on)
-                cache = self.new_cache() if use_cache else None
-                idx_cond = idx[:, -self.config.block_size:]
-                logits, _, _ = self(idx_cond, cache=cache)
-                seen = idx_cond.size(1)
-            else:
+            if use_cache and seen >= self.config.block_size:
+                cache, seen = None, 0  # the window slid past the context: start a fresh cache
+            if use_cache and seen > 0:
                 logits, _, _ = self(idx[:, -1:], cache=cache, pos_offset=seen)
                 seen += 1
+            else:  # no cache, or the prompt: run the last block_size tokens in full
+                if use_cache and cache is None:
+                    cache = self.new_cache()
+                idx_cond = idx[:, -self.config.block_size:]
+                logits, _, _ = self(idx_cond, cache=cache if use_cache else None)
+                seen = idx_cond.size(1) if use_cache else 0
             logits = logits[:, -1, :] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -281,6 +285,17 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    # --- what generation used (sample.py --show_depth) -----------------------------------
+
+    def kv_cache_nbytes(self, cache):
+        """Bytes of keys and values a cache holds."""
+        return sum(layer.nbytes() for layer in cache)
+
+    @torch.no_grad()
+    def depth_per_token(self, idx, prompt_len):
+        """(B, T) fraction of the network's sublayers each token went through: all of them here."""
+        return torch.ones(idx.shape, dtype=torch.float32)
 
     # --- pretrained GPT-2 ----------------------------------------------------------------
 

@@ -111,8 +111,8 @@ def read_config_file(path):
     return values
 
 
-def parse_args(argv):
-    """argv -> (TrainConfig, variant settings or None). Unknown or mistyped flags exit with a message."""
+def read_flags(argv):
+    """`--key value`, `--key=value` and config files -> {key: text}, later ones winning."""
     raw = {}
     args = list(argv)
     while args:
@@ -126,6 +126,12 @@ def parse_args(argv):
                 raise SystemExit(f"--{key} needs a value")
             value = args.pop(0)
         raw[key] = value
+    return raw
+
+
+def parse_args(argv):
+    """argv -> (TrainConfig, variant settings or None). Unknown or mistyped flags exit with a message."""
+    raw = read_flags(argv)
     variant = raw.get("variant", "baseline")
     if variant not in VARIANTS:
         raise SystemExit(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")

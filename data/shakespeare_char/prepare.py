@@ -1,0 +1,116 @@
+"""
+Tiny Shakespeare at the character level (40,000 lines of Shakespeare, 1,115,394 bytes,
+65 distinct characters).
+
+    python data/shakespeare_char/prepare.py                          # download it (1.1 MB)
+    python data/shakespeare_char/prepare.py --input path/to/input.txt  # or use a copy you have
+
+Writes, next to this file (or in --out_dir):
+    train.bin, val.bin   character ids as uint16, the first 90% and the last 10% of the text
+    meta.pkl             {'vocab_size', 'itos', 'stoi'} to decode samples
+"""
+
+import argparse
+import hashlib
+import os
+import pickle
+import sys
+
+import numpy as np
+import requests
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of the file at URL
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class DownloadError(Exception):
+    """A download that failed in a way the user can fix; main prints it without a traceback."""
+
+
+def offline_hint(reason):
+    return (f"{reason}\nCould not get Tiny Shakespeare. Without internet here, fetch input.txt "
+            f"elsewhere ({URL}) and run:\n"
+            f"    python data/shakespeare_char/prepare.py --input path/to/input.txt")
+
+
+def download(url, dest, sha256=SHA256, timeout=30):
+    """Fetch url into dest, checking the bytes against sha256 before writing anything."""
+    try:
+        response = requests.get(url, timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        raise DownloadError(offline_hint(f"Download of {url} failed: {e}")) from None
+    digest = hashlib.sha256(response.content).hexdigest()
+    if digest != sha256:
+        raise DownloadError(offline_hint(
+            f"Checksum mismatch for {url}: expected sha256 {sha256}, got {digest}"))
+    with open(dest, "wb") as f:
+        f.write(response.content)
+    return dest
+
+
+def build_vocab(text):
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    return stoi, itos
+
+
+def encode(text, stoi):
+    return np.array([stoi[ch] for ch in text], dtype=np.uint16)
+
+
+def decode(ids, itos):
+    return "".join(itos[int(i)] for i in ids)
+
+
+def split(ids, train_fraction=0.9):
+    n = int(len(ids) * train_fraction)  # contiguous split: val is the end of the play text
+    return ids[:n], ids[n:]
+
+
+def write(out_dir, train_ids, val_ids, stoi, itos):
+    os.makedirs(out_dir, exist_ok=True)
+    train_ids.tofile(os.path.join(out_dir, "train.bin"))
+    val_ids.tofile(os.path.join(out_dir, "val.bin"))
+    with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(itos), "itos": itos, "stoi": stoi}, f)
+
+
+def prepare(text, out_dir):
+    stoi, itos = build_vocab(text)
+    train_ids, val_ids = split(encode(text, stoi))
+    write(out_dir, train_ids, val_ids, stoi, itos)
+    print(f"length of dataset in characters: {len(text):,}")
+    print(f"vocab size: {len(itos)}")
+    print(f"train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens -> {out_dir}")
+    return train_ids, val_ids, stoi, itos
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="a local copy of input.txt (skips the download)")
+    parser.add_argument("--url", default=URL, help="where to download input.txt from")
+    parser.add_argument("--out_dir", default=HERE, help="where train.bin / val.bin / meta.pkl go")
+    args = parser.parse_args(argv)
+
+    path = args.input
+    if path is None:
+        path = os.path.join(args.out_dir, "input.txt")
+        if not os.path.exists(path):  # a file kept from an earlier run was checked when downloaded
+            os.makedirs(args.out_dir, exist_ok=True)
+            try:
+                download(args.url, path, SHA256)
+            except DownloadError as e:
+                sys.exit(str(e))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"Cannot read {path}: {e}")
+    prepare(text, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""
+Sample from a trained model (any variant) or from pretrained GPT-2.
+
+    python sample.py                                  # from out/ckpt.pt
+    python sample.py --out_dir=out-mod --start="ROMEO:" --num_samples=3
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt
+    python sample.py --show_depth=True                # shade each token by the depth it used
+"""
+
+import pickle
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+import train
+from model import GPT
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "resume"  # resume (the checkpoint in out_dir) | a checkpoint path | gpt2 | gpt2-medium | ...
+    out_dir: str = "out"
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 1.0 = as trained, lower = more conservative
+    top_k: int = 200  # keep only the top_k most likely tokens (0 = all)
+    seed: int = 1337
+    device: str = "auto"
+    use_cache: bool = True  # KV cache: the prompt runs once, then one position per token
+    show_depth: bool = False  # shade each token by how much of the network it used
+
+
+def parse_args(argv):
+    known = {f.name: f for f in fields(SampleConfig)}
+    values = {}
+    for key, text in train.read_flags(argv).items():
+        if key not in known:
+            raise SystemExit(f"unknown flag --{key}. Valid flags: {', '.join(known)}")
+        values[key] = train.parse_value(text, known[key])
+    return SampleConfig(**values)
+
+
+def load(cfg):
+    """(model, dataset name or None) from a checkpoint or the hub."""
+    if cfg.init_from.startswith("gpt2"):
+        return GPT.from_pretrained(cfg.init_from), None
+    model, ckpt = train.load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
+    return model, ckpt.get("config", {}).get("dataset")
+
+
+def tokenizer(dataset):
+    """The dataset's characters when it has a meta.pkl, else GPT-2 BPE."""
+    meta = train.data_dir(dataset) / "meta.pkl" if dataset else None
+    if meta is not None and meta.exists():
+        with open(meta, "rb") as f:
+            meta = pickle.load(f)
+        stoi, itos = meta["stoi"], meta["itos"]
+
+        def encode(s):
+            unknown = sorted({c for c in s if c not in stoi})
+            if unknown:
+                raise SystemExit(f"the prompt has characters this model never saw: {unknown}")
+            return [stoi[c] for c in s]
+
+        return encode, lambda ids: "".join(itos[i] for i in ids)
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+SHADES = [236, 240, 244, 248, 252, 255]  # ANSI 256-colour greys: darker = less of the network
+
+
+def shade(pieces, depths, colour):
+    """Text with each token coloured by its depth (plain text when not a terminal)."""
+    if not colour:
+        return "".join(pieces)
+    out = []
+    for piece, d in zip(pieces, depths):
+        level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))]
+        out.append(f"\033[38;5;{level}m{piece}")
+    return "".join(out) + "\033[0m"
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    device = train.pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model, dataset = load(cfg)
+    model.eval().to(device)
+    encode, decode = tokenizer(dataset)
+    start = cfg.start
+    if start.startswith("FILE:"):
+        path = Path(start[5:])
+        if not path.exists():
+            raise SystemExit(f"no prompt file at {path}")
+        start = path.read_text(encoding="utf-8")
+    ids = encode(start)
+    if not ids:
+        raise SystemExit("the prompt is empty: pass --start with at least one character")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+    colour = sys.stdout.isatty()
+    if cfg.show_depth and colour:
+        legend = "".join(f"\033[38;5;{s}m█" for s in SHADES)
+        print(f"depth: shallow {legend}\033[0m full")
+    for _ in range(cfg.num_samples):
+        cache = model.new_cache() if cfg.use_cache else None
+        y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.use_cache, cache)
+        tokens = y[0].tolist()
+        if not cfg.show_depth:
+            print(decode(tokens))
+            print("---------------")
+            continue
+        depths = model.depth_per_token(y, prompt_len=x.size(1))[0].tolist()
+        print(shade([decode([t]) for t in tokens], depths, colour))
+        generated = depths[x.size(1):]
+        print(f"mean depth per generated token: {sum(generated) / max(1, len(generated)):.3f} of the network")
+        if cache is not None:
+            held = min(len(tokens) - 1, model.config.block_size)  # the last token was never run
+            c = model.config
+            dense = 2 * c.n_layer * held * c.n_embd * next(model.parameters()).element_size()
+            used = model.kv_cache_nbytes(cache)
+            print(f"KV cache: {used / 1024:.1f} KiB vs {dense / 1024:.1f} KiB for a dense model of the same "
+                  f"dims ({used / dense:.2f}x)")
+        print("---------------")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
