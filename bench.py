@@ -1,0 +1,196 @@
+"""
+Measure each variant side by side, in one run, on random tokens.
+
+    python bench.py                                          # tiny dims, CPU
+    python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8 \\
+                    --dtype=bfloat16 --compile=True          # GPT-2 124M dims on a GPU
+    python bench.py --decode=True --max_new_tokens=500       # generation: cached vs uncached
+
+Training rows: tokens/s of a full step (forward, backward, AdamW), training FLOPs per token
+(DESIGN.md convention: 6 x matmul weights + 12 d T per attended layer, LM head counted,
+embeddings and norms not), memory, and ratios to the baseline measured in the same run.
+The FLOP ceiling is baseline FLOPs / variant FLOPs: the speed-up a perfect implementation
+would reach. Memory is peak CUDA memory on a GPU, and the bytes autograd saved for the
+backward pass (activations) on CPU, where no allocator peak is exposed.
+A variant's own flags (e.g. --capacity for mod) apply to that variant's row.
+"""
+
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+import train
+from model import GPT, GPTConfig
+
+
+@dataclass
+class BenchConfig:
+    variants: str = "all"  # comma-separated, or all
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    vocab_size: int = 50304
+    batch_size: int = 8
+    steps: int = 10  # timed steps per variant, after warmup
+    warmup: int = 3
+    device: str = "auto"
+    dtype: str = "float32"  # float32 | bfloat16
+    compile: bool = False
+    decode: bool = False  # time generation instead of training
+    max_new_tokens: int = 200
+    decode_batch: int = 1
+    seed: int = 0
+
+
+def parse_args(argv):
+    """Bench flags plus any variant's flags: {variant: settings}."""
+    own = {f.name: f for f in fields(BenchConfig)}
+    values, per_variant = {}, {name: {} for name in train.VARIANTS}
+    for key, text in train.read_flags(argv).items():
+        if key in own:
+            values[key] = train.parse_value(text, own[key])
+            continue
+        owners = [n for n, (_, cls) in train.VARIANTS.items() if cls and key in {f.name for f in fields(cls)}]
+        if not owners:
+            raise SystemExit(f"unknown flag --{key}. Valid: {', '.join(own)} and the variants' own flags")
+        for name in owners:
+            field = next(f for f in fields(train.VARIANTS[name][1]) if f.name == key)
+            per_variant[name][key] = train.parse_value(text, field)
+    cfg = BenchConfig(**values)
+    names = list(train.VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
+    for name in names:
+        if name not in train.VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(train.VARIANTS)}")
+    if names[0] != "baseline":
+        names = ["baseline"] + [n for n in names if n != "baseline"]  # ratios need the baseline
+    settings = {}
+    for name in names:
+        cls = train.VARIANTS[name][1]
+        try:
+            settings[name] = cls(**per_variant[name]) if cls else None
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    return cfg, settings
+
+
+def build(name, settings, config, seed):
+    """A freshly initialised model of one variant (from a dense one where it needs that)."""
+    torch.manual_seed(seed)
+    cls = train.VARIANTS[name][0]
+    if settings is None:
+        return cls(config)
+    if getattr(cls, "needs_dense_init", False):
+        return cls.from_dense(GPT(config), settings)
+    return cls(config, settings)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def saved_activation_bytes(model, x, y):
+    """Bytes autograd keeps for backward in one forward pass (counted once per tensor)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss, aux = model(x, y)
+    return total
+
+
+def time_training(model, cfg, device, autocast):
+    """Median seconds of a full training step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step_model = torch.compile(model) if cfg.compile else model
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=g).to(device)
+    y = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=g).to(device)
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss, aux = step_model(x, y)
+            loss = loss + sum(model.loss_weights[k] * v for k, v in aux.items())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        memory = torch.cuda.max_memory_allocated()
+    else:
+        with autocast:
+            memory = saved_activation_bytes(model, x, y)
+    return sorted(times)[len(times) // 2], memory
+
+
+def time_decode(model, cfg, device, use_cache):
+    """(tokens/s, KV-cache bytes at the end) for greedy generation of max_new_tokens."""
+    prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device)
+    cache = model.new_cache() if use_cache else None
+    model.generate(prompt, 4, temperature=0, use_cache=use_cache)  # warmup
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, cfg.max_new_tokens, temperature=0, use_cache=use_cache, cache=cache)
+    sync(device)
+    dt = time.perf_counter() - t0
+    return cfg.decode_batch * cfg.max_new_tokens / dt, (model.kv_cache_nbytes(cache) if use_cache else 0)
+
+
+def main(argv):
+    cfg, settings = parse_args(argv)
+    device = train.pick_device(cfg)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = torch.autocast(device.split(":")[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    config = GPTConfig(block_size=cfg.block_size if not cfg.decode else max(cfg.block_size, cfg.max_new_tokens + 1),
+                       vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {config.n_layer}x{config.n_head}x{config.n_embd}, vocab {config.vocab_size}, device {where}, {cfg.dtype}"
+          f"{', compiled' if cfg.compile else ''}")
+    print("# FLOPs: training FLOPs per token, 6 x matmul weights + 12 d T per attended layer (DESIGN.md)")
+    base = {}
+    if cfg.decode:
+        print(f"# greedy decode of {cfg.max_new_tokens} tokens, batch {cfg.decode_batch}")
+        print(f"{'variant':<16}{'cached tok/s':>14}{'uncached tok/s':>16}{'speedup':>9}{'KV bytes':>12}{'KV vs dense':>13}")
+    else:
+        print(f"# training step, batch {cfg.batch_size} x {cfg.block_size} tokens, median of {cfg.steps}")
+        mem_name = "peak MiB" if device.startswith("cuda") else "act. MiB"
+        print(f"{'variant':<16}{'tok/s':>10}{'MFLOPs/tok':>12}{mem_name:>10}{'speed x':>9}{'FLOP ceil':>11}"
+              f"{'of ceil':>9}{'mem x':>8}")
+    for name, vs in settings.items():
+        model = build(name, vs, config, cfg.seed).to(device)
+        if cfg.decode:
+            model.eval()
+            cached, kv = time_decode(model, cfg, device, True)
+            uncached, _ = time_decode(model, cfg, device, False)
+            base.setdefault("kv", kv)
+            print(f"{name:<16}{cached:>14,.0f}{uncached:>16,.0f}{cached / uncached:>8.2f}x{kv:>12,}"
+                  f"{kv / base['kv']:>12.2f}x")
+            continue
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        step, memory = time_training(model, cfg, device, autocast)
+        flops = model.flops_per_token(cfg.block_size)
+        tok_s = cfg.batch_size * cfg.block_size / step
+        base.setdefault("tok_s", tok_s), base.setdefault("flops", flops), base.setdefault("mem", memory)
+        speed, ceiling = tok_s / base["tok_s"], base["flops"] / flops
+        print(f"{name:<16}{tok_s:>10,.0f}{flops / 1e6:>12.2f}{memory / 2**20:>10.1f}{speed:>8.2f}x{ceiling:>10.2f}x"
+              f"{speed / ceiling:>8.0%}{memory / base['mem']:>7.2f}x")
+        del model
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

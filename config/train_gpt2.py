@@ -1,0 +1,21 @@
+"""GPT-2 124M on OpenWebText: 8 GPUs, `torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py`.
+About 0.5M tokens per step (12 x 1024 x 40), 600k steps, as nanoGPT."""
+out_dir = "out-gpt2"
+dataset = "openwebtext"
+batch_size = 12
+block_size = 1024
+gradient_accumulation_steps = 40
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+learning_rate = 6e-4
+max_iters = 600000
+lr_decay_iters = 600000
+min_lr = 6e-5
+beta2 = 0.95
+warmup_iters = 2000
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+weight_decay = 1e-1
