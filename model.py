@@ -210,7 +210,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])
             loss = None
@@ -367,6 +367,8 @@ def load_safetensors(path):
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
     body = memoryview(data)[8 + header_len:]
     tensors = {}
     for name, info in header.items():
@@ -378,6 +380,8 @@ def load_safetensors(path):
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: malformed entry for tensor {name!r}") from None
+        if any(s < 0 for s in shape):
+            raise ValueError(f"{path}: malformed entry for tensor {name!r} (negative dimension)")
         expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if not 0 <= begin <= end <= len(body) or end - begin != expected:
             raise ValueError(f"{path}: tensor {name!r} has data_offsets outside the file or of the wrong size")
