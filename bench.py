@@ -5,6 +5,7 @@ Measure each variant side by side, in one run, on random tokens.
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8 \\
                     --dtype=bfloat16 --compile=True          # GPT-2 124M dims on a GPU
     python bench.py --decode=True --max_new_tokens=500       # generation: cached vs uncached
+    python bench.py --compare_kernels=True --variants=mod    # Triton kernels vs PyTorch, eager and compiled
 
 Training rows: tokens/s of a full step (forward, backward, AdamW), training FLOPs per token
 (DESIGN.md convention: 6 x matmul weights + 12 d T per attended layer, LM head counted,
@@ -15,6 +16,7 @@ backward pass (activations) on CPU, where no allocator peak is exposed.
 A variant's own flags (e.g. --capacity for mod) apply to that variant's row.
 """
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -43,6 +45,7 @@ class BenchConfig:
     max_new_tokens: int = 200
     decode_batch: int = 1
     seed: int = 0
+    compare_kernels: bool = False  # mod only: routed block and step, Triton vs reference, eager vs compiled
 
 
 def parse_args(argv):
@@ -150,6 +153,52 @@ def time_decode(model, cfg, device, use_cache):
     return cfg.decode_batch * cfg.max_new_tokens / dt, (model.kv_cache_nbytes(cache) if use_cache else 0)
 
 
+def time_routed_block(block, cfg, device, autocast):
+    """Median seconds of one routed block's forward and backward in top-k (training) mode."""
+    run = torch.compile(block) if cfg.compile else block
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, cfg.block_size, block.router.in_features)
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(device)
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            out, _ = run(x, "topk")
+        out.backward(grad)
+        sync(device)
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def compare_kernels(cfg, settings, config, device, autocast):
+    """MoD's routed-block forward+backward and its whole training step with the Triton kernels
+    (eager and compiled) vs the PyTorch reference (eager and compiled), same run, same shapes.
+    The baseline step, eager and compiled, turns each MoD step into a speed-up and a fraction
+    of MoD's FLOP ceiling (baseline FLOPs / MoD FLOPs, DESIGN.md convention)."""
+    mod_settings = settings.get("mod") or train.VARIANTS["mod"][1]()
+    baseline = {}
+    for compiled in (False, True):
+        model = build("baseline", None, config, cfg.seed).to(device)
+        baseline[compiled], _ = time_training(model, dataclasses.replace(cfg, compile=compiled), device, autocast)
+        del model
+    on_gpu = device.startswith("cuda")
+    print(f"# MoD capacity {mod_settings.capacity}, batch {cfg.batch_size} x {cfg.block_size}, median of {cfg.steps}"
+          f"{'' if on_gpu else '; no GPU: the triton rows run the reference'}")
+    print(f"{'implementation':<18}{'block ms':>10}{'step ms':>10}{'speed x':>9}{'FLOP ceil':>11}{'of ceil':>9}")
+    for name, kernels, compiled in [("triton", "triton", False), ("torch", "torch", False),
+                                    ("triton compiled", "triton", True), ("torch compiled", "torch", True)]:
+        model = build("mod", dataclasses.replace(mod_settings, kernels=kernels), config, cfg.seed).to(device)
+        run_cfg = dataclasses.replace(cfg, compile=compiled)
+        block_s = time_routed_block(next(iter(model.routed_blocks().values())), run_cfg, device, autocast)
+        step_s, _ = time_training(model, run_cfg, device, autocast)
+        speed, ceiling = baseline[compiled] / step_s, model.flop_ceiling(cfg.block_size)
+        print(f"{name:<18}{block_s * 1e3:>10.2f}{step_s * 1e3:>10.2f}{speed:>8.2f}x{ceiling:>10.2f}x{speed / ceiling:>8.0%}")
+        del model
+
+
 def main(argv):
     cfg, settings = parse_args(argv)
     device = train.pick_device(cfg)
@@ -161,6 +210,8 @@ def main(argv):
     print(f"# {config.n_layer}x{config.n_head}x{config.n_embd}, vocab {config.vocab_size}, device {where}, {cfg.dtype}"
           f"{', compiled' if cfg.compile else ''}")
     print("# FLOPs: training FLOPs per token, 6 x matmul weights + 12 d T per attended layer (DESIGN.md)")
+    if cfg.compare_kernels:
+        return compare_kernels(cfg, settings, config, device, autocast)
     base = {}
     if cfg.decode:
         print(f"# greedy decode of {cfg.max_new_tokens} tokens, batch {cfg.decode_batch}")

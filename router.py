@@ -28,6 +28,19 @@ def indices_to_mask(indices, seq_len):
     return mask.scatter_(1, indices, True)
 
 
+def pack_mask(mask):
+    """(B, T) boolean mask -> indices (B, m) and valid (B, m), m = the largest row count.
+
+    Row b lists its chosen positions in ascending order, then pads with unchosen ones; valid
+    marks the real entries. The padding sits after every real entry, so causal attention over
+    the packed sequence never lets a real token see it: no attention mask is needed."""
+    counts = mask.sum(dim=1, keepdim=True)  # (B, 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # chosen first, each group in order
+    m = int(counts.max())
+    valid = torch.arange(m, device=mask.device) < counts
+    return order[:, :m], valid
+
+
 def threshold_route(logits, threshold=0.5):
     """Causal routing: token i is routed iff sigmoid(logit_i) > threshold. Decided from token
     i alone, so it never looks at the future."""
@@ -45,7 +58,7 @@ def straight_through_gate(logits, threshold=0.5):
     backward pass (straight-through estimator)."""
     soft = torch.sigmoid(logits)
     hard = (soft >= threshold).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly `hard` forward; (hard + soft) - soft can be off by an ulp
 
 
 def capacity_hinge(gates, target_capacity):

@@ -28,9 +28,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mindskip import MindSkipConfig, MindSkipGPT
+from mod import MoDConfig, MoDGPT
 from model import GPT, GPTConfig
+from mom import MoMConfig, MoMGPT
 
-VARIANTS = {"baseline": (GPT, None)}  # name -> (model class, its settings dataclass)
+VARIANTS = {"baseline": (GPT, None), "mod": (MoDGPT, MoDConfig), "mom": (MoMGPT, MoMConfig), "router_tuning": (MindSkipGPT, MindSkipConfig)}  # name -> (model class, its settings dataclass)
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""
+Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258).
+
+Every other block is routed: a router r_i = w . x_i + b scores each token, and only the
+k = round(capacity * T) tokens of each sequence with the highest score go through the block:
+
+    x_i <- x_i + sigmoid(r_i) * f(X_routed)_i    if r_i is among the top-k of its sequence
+    x_i <- x_i                                   otherwise
+
+f is the block's update without its residual (attention, then MLP), run on the routed tokens
+alone, in their original order: a routed token attends only to earlier routed tokens, and a
+token that skips the block leaves no key there. The paper multiplies by the raw score r_i; we
+squash it with a sigmoid so the scale stays bounded (the auxiliary loss reads sigmoid(r) too).
+
+Top-k over the sequence peeks at the future, so sampling decides token by token instead
+(routing_mode "causal"): route iff sigmoid(r_i) > 0.5, with the router trained towards the
+top-k choice by BCE (causal_method "aux_loss"), or iff a small predictor MLP, trained by BCE on
+a stop-gradient copy of the router's input, says so (causal_method "predictor").
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import kernels
+from model import GPT, KVCache, attention_flops, block_matmul_params
+from router import capacity_to_k, expert_choice_topk, indices_to_mask, pack_mask, threshold_route, topk_bce_loss
+
+
+@dataclass
+class MoDConfig:
+    capacity: float = 0.125  # C: fraction of each sequence a routed block processes (the paper's best)
+    route_every: int = 2  # blocks route_every-1, 2*route_every-1, ... route: with 2, blocks 1, 3, 5, ...
+    # aux_loss by default: no extra weights, and the number that scales the update is the one that
+    # decides at sampling time; "predictor" leaves the LM objective untouched instead
+    causal_method: str = "aux_loss"  # aux_loss | predictor: what decides routing token by token
+    aux_loss_coef: float = 0.1  # weight of BCE(sigmoid(r), top-k membership) on the router
+    predictor_coef: float = 1.0  # weight of the predictor's BCE (it cannot reach the LM, so only its speed)
+    kernels: str = "triton"  # triton | torch: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
+
+    def __post_init__(self):
+        if not 0 < self.capacity <= 1:
+            raise ValueError(f"--capacity must be in (0, 1], got {self.capacity}")
+        if self.route_every < 1:
+            raise ValueError(f"--route_every must be >= 1 (1 routes every block), got {self.route_every}")
+        if self.causal_method not in ("aux_loss", "predictor"):
+            raise ValueError(f"--causal_method must be aux_loss or predictor, got {self.causal_method!r}")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"--aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if self.predictor_coef < 0:
+            raise ValueError(f"--predictor_coef must be >= 0, got {self.predictor_coef}")
+        if self.kernels not in ("triton", "torch"):
+            raise ValueError(f"--kernels must be triton or torch, got {self.kernels!r}")
+
+
+class RoutedKVCache:
+    """The KV cache of one routed block: one KVCache per batch row, holding only the tokens that
+    row routed, in their original order (their positions came in with wpe, before the trunk).
+    Rows route different tokens, so their caches differ in length: the block decodes each row on
+    its own rather than padding, since model.py's attention takes no padding mask."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def row(self, b):
+        return self.rows.setdefault(b, KVCache())
+
+    def nbytes(self):
+        return sum(cache.nbytes() for cache in self.rows.values())
+
+
+class RoutedBlock(nn.Module):
+    """A model.Block that only the routed tokens go through."""
+
+    def __init__(self, block, n_embd, vcfg):
+        super().__init__()
+        self.block = block
+        self.capacity = vcfg.capacity
+        self.kernels = vcfg.kernels
+        self.router = nn.Linear(n_embd, 1)  # r_i
+        self.predictor = None
+        if vcfg.causal_method == "predictor":
+            hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of the block's weights
+            self.predictor = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.routed_mask = None  # (B, T) bool: which tokens of the last forward went through
+        self.causal_choice = None  # (B, T) bool: what causal routing chose, for the accuracy metric
+
+    def routing_weights(self):
+        """Matmul weights of the router (and predictor): what routing costs every token."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("block.") and p.dim() == 2)
+
+    def update(self, x, scores, idx, valid=None, cache=None):
+        """x_i + sigmoid(r_i) * f(x_routed)_i at positions idx (B, m), sorted per row; every
+        other token is returned untouched. valid (B, m) marks padding that must stay as it was."""
+        if valid is None and cache is None and kernels.use_triton(x, self.kernels):
+            return self.fused_update(x, scores, idx)
+        index = idx.unsqueeze(-1).expand(-1, -1, x.size(-1))
+        routed = x.gather(1, index)  # (B, m, C), original order: causal attention stays causal
+        attn = self.block.attn_update(routed, cache)
+        f = attn + self.block.mlp_update(routed + attn)  # the block's update, no residual
+        w = torch.sigmoid(scores.gather(1, idx)).unsqueeze(-1)  # sigmoid, not the paper's raw r
+        out = routed + w * f
+        if valid is not None:
+            out = torch.where(valid.unsqueeze(-1), out, routed)
+        return x.scatter(1, index, out)  # unrouted tokens are copied bit for bit
+
+    def fused_update(self, x, scores, idx):
+        """update() in top-k mode, with ln_1 fused into the gather and the weighting into the scatter."""
+        ln_1 = self.block.ln_1
+        routed, normed = kernels.gather_layernorm(x, idx, ln_1.weight, ln_1.bias, eps=1e-5)
+        attn = self.block.attn(normed)
+        f = attn + self.block.mlp_update(routed + attn)
+        return kernels.scatter_weighted_add(x, idx, f, torch.sigmoid(scores.gather(1, idx)))
+
+    def forward(self, x, mode, cache=None):
+        """Returns the new x and the BCE that teaches causal routing (None outside top-k mode)."""
+        scores = self.router(x).squeeze(-1)  # (B, T)
+        causal_logits = scores if self.predictor is None else self.predictor(x.detach()).squeeze(-1)
+        causal = threshold_route(causal_logits)  # (B, T): sigmoid > 0.5, from token i alone
+        bce = None
+        if mode == "topk":
+            idx = expert_choice_topk(scores, capacity_to_k(self.capacity, x.size(1)))  # (B, k)
+            routed = indices_to_mask(idx, x.size(1))
+            bce = topk_bce_loss(causal_logits, routed)  # targets per row; trains router or predictor
+            x = self.update(x, scores, idx)
+        elif mode == "causal" and cache is None:
+            routed = causal
+            if routed.any():  # rows route different counts: pack them, padding after the real ones
+                idx, valid = pack_mask(routed)
+                x = self.update(x, scores, idx, valid)
+        elif mode == "causal":
+            routed = causal
+            rows = []
+            for b in range(x.size(0)):
+                idx = routed[b].nonzero().T  # (1, m): the new tokens this row routes
+                if idx.numel() == 0:  # skips the block and writes nothing to its cache
+                    rows.append(x[b:b + 1])
+                else:
+                    rows.append(self.update(x[b:b + 1], scores[b:b + 1], idx, cache=cache.row(b)))
+            x = torch.cat(rows)
+        else:
+            raise ValueError(f"routing_mode must be 'topk' or 'causal', got {mode!r}")
+        self.routed_mask, self.causal_choice = routed, causal
+        return x, bce
+
+
+def routes(layer, vcfg):
+    """Whether block `layer` (0-based) is routed: every route_every-th, starting at route_every-1."""
+    return layer % vcfg.route_every == vcfg.route_every - 1
+
+
+class MoDGPT(GPT):
+    """GPT-2 whose routed blocks (every route_every-th) process only capacity * T tokens.
+
+    routing_mode: "topk" (training; per-sequence top-k, peeks at the future) or "causal" (each
+    token decides alone; what generation uses and what the honest val loss measures)."""
+
+    def __init__(self, config, vcfg):
+        super().__init__(config)
+        if not any(routes(i, vcfg) for i in range(config.n_layer)):
+            raise ValueError(f"--route_every {vcfg.route_every} routes no block of a {config.n_layer}-layer model")
+        self.transformer.h = nn.ModuleList(
+            RoutedBlock(block, config.n_embd, vcfg) if routes(i, vcfg) else block
+            for i, block in enumerate(self.transformer.h)
+        )
+        for block in self.routed_blocks().values():
+            block.router.apply(self._init_weights)  # the trunk was initialised by GPT already
+            if block.predictor is not None:
+                block.predictor.apply(self._init_weights)
+        self.vcfg = vcfg
+        self.routing_mode = "topk"
+        if vcfg.causal_method == "aux_loss":
+            self.loss_weights = {"router_bce": vcfg.aux_loss_coef}
+        else:
+            self.loss_weights = {"predictor_bce": vcfg.predictor_coef}
+
+    def routed_blocks(self):
+        """{layer index: RoutedBlock}"""
+        return {i: b for i, b in enumerate(self.transformer.h) if isinstance(b, RoutedBlock)}
+
+    @contextmanager
+    def routing(self, mode):
+        """Run the body with routing_mode = mode, then restore the previous mode."""
+        if mode not in ("topk", "causal"):
+            raise ValueError(f"routing_mode must be 'topk' or 'causal', got {mode!r}")
+        previous, self.routing_mode = self.routing_mode, mode
+        try:
+            yield
+        finally:
+            self.routing_mode = previous
+
+    # --- forward -------------------------------------------------------------------------
+
+    def new_cache(self):
+        return [RoutedKVCache() if isinstance(b, RoutedBlock) else KVCache() for b in self.transformer.h]
+
+    def forward_trunk(self, x, cache=None):
+        if cache is not None and self.routing_mode != "causal":
+            raise ValueError("a KV cache needs routing_mode 'causal': top-k routing looks at future tokens")
+        bces = []
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = None if cache is None else cache[i]
+            if isinstance(block, RoutedBlock):
+                x, bce = block(x, self.routing_mode, layer_cache)
+                if bce is not None:
+                    bces.append(bce)
+            else:
+                x = block(x, layer_cache)
+        aux = {name: torch.stack(bces).mean() for name in self.loss_weights} if bces else {}
+        return x, aux
+
+    @torch.no_grad()
+    def evaluate(self, idx, targets):
+        """'loss' is the causal-mode loss (what sampling gets); 'loss_topk' the training mode's.
+        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it,
+        and causal_acc_i, how often the causal decision agrees with top-k membership."""
+        metrics = {}
+        with self.routing("topk"):
+            metrics["loss_topk"] = self(idx, targets)[1].item()
+            for i, block in self.routed_blocks().items():
+                agree = block.causal_choice == block.routed_mask
+                metrics[f"causal_acc_{i}"] = agree.float().mean().item()
+        with self.routing("causal"):
+            metrics["loss"] = self(idx, targets)[1].item()
+            for i, block in self.routed_blocks().items():
+                metrics[f"routed_frac_{i}"] = block.routed_mask.float().mean().item()
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """GPT.generate, always in causal mode: top-k would need tokens not sampled yet."""
+        with self.routing("causal"):
+            return super().generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def depth_per_token(self, idx, prompt_len):
+        """(B, T) fraction of the blocks each token went through in causal mode. Decisions are
+        per token, so a full forward tells what decoding used; text longer than the context is
+        read in block_size windows."""
+        depths = []
+        with self.routing("causal"):
+            for start in range(0, idx.size(1), self.config.block_size):
+                self(idx[:, start:start + self.config.block_size])
+                skipped = sum((~b.routed_mask).float() for b in self.routed_blocks().values())
+                depths.append(1 - skipped.cpu() / self.config.n_layer)
+        return torch.cat(depths, dim=1)
+
+    # --- cost ----------------------------------------------------------------------------
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (DESIGN.md convention). A routed block at capacity c = k/T
+        costs c of its matmuls and c^2 of its attention (c*T queries over c*T keys), plus the
+        router's (and predictor's) weights for every token."""
+        T = seq_len or self.config.block_size
+        d = self.config.n_embd
+        c = capacity_to_k(self.vcfg.capacity, T) / T
+        flops = 6 * d * self.config.vocab_size  # LM head
+        for block in self.transformer.h:
+            if isinstance(block, RoutedBlock):
+                flops += c * 6 * block_matmul_params(d) + c * c * attention_flops(d, T) + 6 * block.routing_weights()
+            else:
+                flops += 6 * block_matmul_params(d) + attention_flops(d, T)
+        return flops
+
+    def flop_ceiling(self, seq_len=None):
+        """The most a MoD step can speed up over a same-dims GPT: baseline FLOPs / MoD FLOPs."""
+        return GPT.flops_per_token(self, seq_len) / self.flops_per_token(seq_len)
+
+    # --- from a trained dense model --------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, dense, vcfg):
+        """MoD with the dense model's weights in every block (routed ones wrap them) and fresh routers."""
+        model = cls(dense.config, vcfg)
+        with torch.no_grad():
+            for name in ("wte", "wpe", "ln_f"):
+                getattr(model.transformer, name).load_state_dict(getattr(dense.transformer, name).state_dict())
+            model.lm_head.load_state_dict(dense.lm_head.state_dict())
+            for mine, theirs in zip(model.transformer.h, dense.transformer.h):
+                (mine.block if isinstance(mine, RoutedBlock) else mine).load_state_dict(theirs.state_dict())
+        return model
