@@ -289,8 +289,8 @@ class GPT(nn.Module):
     # --- what generation used (sample.py --show_depth) -----------------------------------
 
     def kv_cache_nbytes(self, cache):
-        """Bytes of keys and values a cache holds."""
-        return sum(layer.nbytes() for layer in cache)
+        """Bytes of keys and values a cache holds (a technique's cache may sum its own)."""
+        return cache.nbytes() if hasattr(cache, "nbytes") else sum(layer.nbytes() for layer in cache)
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
