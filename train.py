@@ -33,7 +33,12 @@ from mod import MoDConfig, MoDGPT
 from model import GPT, GPTConfig
 from mom import MoMConfig, MoMGPT
 
-VARIANTS = {"baseline": (GPT, None), "mod": (MoDGPT, MoDConfig), "mom": (MoMGPT, MoMConfig), "router_tuning": (MindSkipGPT, MindSkipConfig)}  # name -> (model class, its settings dataclass)
+VARIANTS = {  # name -> (model class, its settings dataclass)
+    "baseline": (GPT, None),
+    "mod": (MoDGPT, MoDConfig),
+    "mom": (MoMGPT, MoMConfig),
+    "router_tuning": (MindSkipGPT, MindSkipConfig),
+}
 
 
 @dataclass
@@ -399,11 +404,16 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if master:
+    # a bad checkpoint is reported before any download; only a scratch model needs the data's vocabulary first
+    if master and cfg.init_from == "scratch":
         ensure_data(cfg.dataset)
     if ddp:
         dist.barrier()
     model, ckpt = build_model(cfg, settings)
+    if master:
+        ensure_data(cfg.dataset)
+    if ddp:
+        dist.barrier()
     model.to(device)
     limit = getattr(settings, "tune_samples", 0) * model.config.block_size
     batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, limit)
