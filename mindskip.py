@@ -36,7 +36,7 @@ class MindSkipConfig:
     skip_layers: str = ""  # comma list of 0-based layers to route, e.g. "3,4,5"; "" = upper half minus the last (12 layers: 5-10)
     router_level: str = "sequence"  # sequence: one gate per sequence from the mean LN output | token: one per token (causal)
     target_capacity: float = 0.5  # share of routed sublayers the sparsity hinge lets stay open
-    sparsity_coef: float = 1.0  # lambda, the weight of relu(mean gate - target_capacity)
+    sparsity_coef: float = 10.0  # lambda, the weight of relu(mean gate - target_capacity); the LM loss alone keeps gates open
     tune_samples: int = 1000  # training sequences router-tuning draws from (the start of train.bin)
     gate_threshold: float = 0.5  # gate opens iff sigmoid(score) >= this; 0 forces open, > 1 forces closed
 

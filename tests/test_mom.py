@@ -267,3 +267,14 @@ def test_k_larger_than_the_default_pool_is_caught_once_the_pool_size_is_known():
 def test_from_dense_rejects_a_pool_size_other_than_the_dense_depth():
     with pytest.raises(ValueError, match="--n_attn_modules"):
         MoMGPT.from_dense(tiny_dense(), MoMConfig(n_attn_modules=2))
+
+
+def test_runs_under_bfloat16_autocast():
+    # autocast lowers the matmuls but not the residual stream: the dispatch buffers must follow
+    mom = tiny_mom(modules_per_step=2, skip_bias=1.0)
+    idx = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss, aux = mom.train()(idx, idx)
+        (loss + aux["mom_balance"]).backward()
+        out = mom.eval().generate(idx[:, :4], 4, temperature=0)
+    assert torch.isfinite(loss) and out.shape == (2, 8)
