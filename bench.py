@@ -6,6 +6,7 @@ Measure each variant side by side, in one run, on random tokens.
                     --dtype=bfloat16 --compile=True          # GPT-2 124M dims on a GPU
     python bench.py --decode=True --max_new_tokens=500       # generation: cached vs uncached
     python bench.py --compare_kernels=True --variants=mod    # Triton kernels vs PyTorch, eager and compiled
+    python bench.py --checkpoints=out-base,out-tuned --prefill=True   # trained models on their val set
 
 Training rows: tokens/s of a full step (forward, backward, AdamW), training FLOPs per token
 (DESIGN.md convention: 6 x matmul weights + 12 d T per attended layer, LM head counted,
@@ -14,6 +15,10 @@ The FLOP ceiling is baseline FLOPs / variant FLOPs: the speed-up a perfect imple
 would reach. Memory is peak CUDA memory on a GPU, and the bytes autograd saved for the
 backward pass (activations) on CPU, where no allocator peak is exposed.
 A variant's own flags (e.g. --capacity for mod) apply to that variant's row.
+
+With --checkpoints the rows are trained models instead (the first is the reference for the
+ratios): --decode=True generates from a prompt taken from their val set, and --prefill=True
+runs their whole val set through the model once (val loss, each mode's metrics, forward time).
 """
 
 import dataclasses
@@ -21,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 import train
@@ -46,6 +52,10 @@ class BenchConfig:
     decode_batch: int = 1
     seed: int = 0
     compare_kernels: bool = False  # mod only: routed block and step, Triton vs reference, eager vs compiled
+    checkpoints: str = ""  # comma-separated checkpoint dirs/files: measure these trained models instead
+    prefill: bool = False  # with --checkpoints: val loss and forward time over the whole val set
+    prompt_len: int = 64  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
+    repeats: int = 5  # with --prefill: timed passes per model (interleaved), median reported
 
 
 def parse_args(argv):
@@ -63,6 +73,8 @@ def parse_args(argv):
             field = next(f for f in fields(train.VARIANTS[name][1]) if f.name == key)
             per_variant[name][key] = train.parse_value(text, field)
     cfg = BenchConfig(**values)
+    if cfg.prefill and not cfg.checkpoints:
+        raise SystemExit("--prefill=True measures trained models: pass --checkpoints=dir1,dir2,...")
     names = list(train.VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
     for name in names:
         if name not in train.VARIANTS:
@@ -140,9 +152,12 @@ def time_training(model, cfg, device, autocast):
     return sorted(times)[len(times) // 2], memory
 
 
-def time_decode(model, cfg, device, use_cache):
-    """(tokens/s, KV-cache bytes at the end) for greedy generation of max_new_tokens."""
-    prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device)
+def time_decode(model, cfg, device, use_cache, prompt=None):
+    """(tokens/s, KV-cache bytes of the first context window) for greedy generation of
+    max_new_tokens; past block_size, generate() restarts its cache, so that window is the peak."""
+    if prompt is None:
+        prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long)
+    prompt = prompt.to(device)
     cache = model.new_cache() if use_cache else None
     model.generate(prompt, 4, temperature=0, use_cache=use_cache)  # warmup
     sync(device)
@@ -151,6 +166,62 @@ def time_decode(model, cfg, device, use_cache):
     sync(device)
     dt = time.perf_counter() - t0
     return cfg.decode_batch * cfg.max_new_tokens / dt, (model.kv_cache_nbytes(cache) if use_cache else 0)
+
+
+def val_tokens(ckpt):
+    """The val split of the dataset a checkpoint was trained on, as int64 tokens."""
+    folder = train.data_dir(ckpt["config"]["dataset"])
+    if not (folder / "val.bin").exists():
+        raise SystemExit(f"{folder}/val.bin is missing: prepare the dataset the checkpoint was trained on")
+    return torch.from_numpy(np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int64))
+
+
+@torch.no_grad()
+def measure_checkpoints(cfg, device, autocast):
+    """Trained models side by side: the decode table, or (--prefill) every whole val window once."""
+    loaded = [(path, *train.load_model(path)) for path in cfg.checkpoints.split(",")]
+    if cfg.decode:
+        print(f"# greedy decode of {cfg.max_new_tokens} tokens after a {cfg.prompt_len}-token val prompt, "
+              f"batch {cfg.decode_batch}")
+        print(f"{'checkpoint':<24}{'variant':<15}{'cached tok/s':>13}{'uncached tok/s':>15}{'speedup':>9}"
+              f"{'KV bytes':>11}{'KV vs first':>12}")
+        first_kv = None
+        for path, model, ckpt in loaded:
+            model.to(device).eval()
+            prompt = val_tokens(ckpt)[:cfg.prompt_len].expand(cfg.decode_batch, -1)
+            cached, kv = time_decode(model, cfg, device, True, prompt)
+            uncached, _ = time_decode(model, cfg, device, False, prompt)
+            first_kv = first_kv or kv
+            print(f"{path:<23} {ckpt['variant']:<15}{cached:>13,.0f}{uncached:>15,.0f}{cached / uncached:>8.2f}x"
+                  f"{kv:>11,}{kv / first_kv:>11.2f}x")
+        return
+    models = [model.to(device).eval() for _, model, _ in loaded]
+    T = min(m.config.block_size for m in models)
+    val = val_tokens(loaded[0][2])
+    n = (len(val) - 1) // T
+    x, y = val[:n * T].view(n, T), val[1:n * T + 1].view(n, T)
+    batches = [(x[i:i + 32].to(device), y[i:i + 32].to(device)) for i in range(0, n, 32)]
+    metrics = []
+    for model in models:  # every metric averaged over windows
+        with autocast:
+            per_batch = [model.evaluate(xb, yb) for xb, yb in batches]
+        metrics.append({k: sum(m[k] * len(xb) for m, (xb, _) in zip(per_batch, batches)) / n for k in per_batch[0]})
+    times = [[] for _ in models]
+    for _ in range(cfg.repeats):  # interleaved, so that a busy machine slows every model alike
+        for i, model in enumerate(models):
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast:
+                for xb, _ in batches:
+                    model(xb)  # prefill: the forward pass without targets
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    print(f"# prefill of {n} val windows x {T} tokens, batch 32, median of {cfg.repeats}")
+    print(f"{'checkpoint':<24}{'variant':<15}{'val loss':>9}{'prefill s':>11}{'time x':>8}  other metrics")
+    for (path, _, ckpt), m, t in zip(loaded, metrics, medians):
+        other = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")
+        print(f"{path:<23} {ckpt['variant']:<15}{m['loss']:>9.4f}{t:>11.3f}{t / medians[0]:>7.3f}x  {other}")
 
 
 def time_routed_block(block, cfg, device, autocast):
@@ -204,9 +275,12 @@ def main(argv):
     device = train.pick_device(cfg)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = torch.autocast(device.split(":")[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if cfg.checkpoints:
+        print(f"# trained checkpoints, device {where}, {cfg.dtype}")
+        return measure_checkpoints(cfg, device, autocast)
     config = GPTConfig(block_size=cfg.block_size if not cfg.decode else max(cfg.block_size, cfg.max_new_tokens + 1),
                        vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {config.n_layer}x{config.n_head}x{config.n_embd}, vocab {config.vocab_size}, device {where}, {cfg.dtype}"
           f"{', compiled' if cfg.compile else ''}")
     print("# FLOPs: training FLOPs per token, 6 x matmul weights + 12 d T per attended layer (DESIGN.md)")

@@ -43,3 +43,23 @@ def test_bench_prints_a_row_per_variant_with_ratios_to_the_baseline(capsys):
 def test_bench_rejects_unknown_flags():
     with pytest.raises(SystemExit, match="unknown flag --layers"):
         bench.main(["--layers=2"])
+
+
+def test_bench_measures_trained_checkpoints_on_their_val_set(dataset, tmp_path, capsys):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train.main(tiny_flags(dataset, base, max_iters=6, dropout=0.0))
+    train.main(tiny_flags(dataset, tuned, variant="router_tuning", init_from=base, max_iters=6, skip_layers="1"))
+    capsys.readouterr()
+    bench.main([f"--checkpoints={base},{tuned}", "--prefill=True", "--repeats=1", "--device=cpu"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert [r[1] for r in rows] == ["baseline", "router_tuning"] and rows[0][4] == "1.000x"
+    assert "capacity" in rows[1]  # the tuned model reports how many gates opened
+    bench.main([f"--checkpoints={base},{tuned}", "--decode=True", "--max_new_tokens=20", "--prompt_len=4",
+                "--device=cpu"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert len(rows) == 2 and rows[0][-1] == "1.00x"
+
+
+def test_bench_prefill_needs_checkpoints():
+    with pytest.raises(SystemExit, match="--checkpoints"):
+        bench.main(["--prefill=True"])
