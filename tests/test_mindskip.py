@@ -5,9 +5,6 @@ hinge is the formula, and generation decides on the prompt, reuses that decision
 cache for skipped layers and forgets it with the next prompt. Tiny configs, fixed seeds.
 """
 
-import pickle
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 import train
 from mindskip import MindSkipCache, MindSkipConfig, MindSkipGPT
 from model import GPT, GPTConfig, KVCache, attention_flops
+from test_train import dataset  # noqa: F401  (fixture)
 
 torch.set_num_threads(1)
 
@@ -363,15 +361,8 @@ def test_default_layers_are_the_upper_half_minus_the_last_and_explicit_ones_are_
 
 # --- train.py ----------------------------------------------------------------------------------
 
-def test_train_py_tunes_only_the_routers_of_a_dense_checkpoint_and_reloads_base_plus_routers(tmp_path):
-    folder = tmp_path / "chars"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4000), ("val", 600)):
-        rng.integers(0, 16, n).astype(np.uint16).tofile(folder / f"{split}.bin")
-    with open(folder / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 16}, f)
-    common = dict(dataset=folder, n_layer=4, n_head=2, n_embd=32, block_size=16, batch_size=4, warmup_iters=1,
+def test_train_py_tunes_only_the_routers_of_a_dense_checkpoint_and_reloads_base_plus_routers(dataset, tmp_path):
+    common = dict(dataset=dataset, n_layer=4, n_head=2, n_embd=32, block_size=16, batch_size=4, warmup_iters=1,
                   eval_interval=4, eval_iters=1, device="cpu")
 
     def run(**flags):
