@@ -463,19 +463,23 @@ def main(argv):
               f"{raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), device {device}, {dtype}")
     log_path = Path(cfg.out_dir) / "log.jsonl"
     resumed_at = iter_num if ckpt is not None else None
-    t0 = time.time()
+    t0 = started = time.time()
+    eval_seconds = 0.0  # kept out of the logged training time, so that variants compare at equal wall time
     try:
         while True:
             if iter_num % cfg.eval_interval == 0 and iter_num != resumed_at and master:
+                eval_start = time.time()
                 metrics = evaluate(raw_model, batches, cfg, autocast)
                 shown = " ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "loss")
                 print(f"step {iter_num}: train loss {metrics['train']['loss']:.4f}, val loss {metrics['val']['loss']:.4f} {shown}")
+                train_seconds = eval_start - started - eval_seconds  # this process's training time so far
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"iter": iter_num, "time": time.time() - t0, **metrics}) + "\n")
+                    f.write(json.dumps({"iter": iter_num, "train_seconds": train_seconds, **metrics}) + "\n")
                 if metrics["val"]["loss"] < best_val_loss or cfg.always_save_checkpoint:
                     best_val_loss = min(best_val_loss, metrics["val"]["loss"])
                     if iter_num > 0:
                         checkpoint(iter_num)
+                eval_seconds += time.time() - eval_start
             if iter_num == 0 and cfg.eval_only:
                 break
             if iter_num >= cfg.max_iters:
