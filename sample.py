@@ -74,15 +74,28 @@ def tokenizer(dataset):
 SHADES = [236, 240, 244, 248, 252, 255]  # ANSI 256-colour greys: darker = less of the network
 
 
+BARS = " ▁▂▃▄▅▆▇█"  # without colour: a bar under each character, taller = more of the network
+
+
 def shade(pieces, depths, colour):
-    """Text with each token coloured by its depth (plain text when not a terminal)."""
-    if not colour:
-        return "".join(pieces)
-    out = []
+    """Text with each token coloured by its depth; without a terminal, each line of text is
+    followed by a line of bars, one under each character, as tall as its token's depth."""
+    if colour:
+        out = []
+        for piece, d in zip(pieces, depths):
+            level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))]
+            out.append(f"\033[38;5;{level}m{piece}")
+        return "".join(out) + "\033[0m"
+    lines, text, bars = [], "", ""
     for piece, d in zip(pieces, depths):
-        level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))]
-        out.append(f"\033[38;5;{level}m{piece}")
-    return "".join(out) + "\033[0m"
+        for ch in piece:
+            if ch == "\n":
+                lines += [text, bars]
+                text, bars = "", ""
+            else:
+                text += ch
+                bars += BARS[min(len(BARS) - 1, int(d * (len(BARS) - 1) + 0.5))]
+    return "\n".join(lines + [text, bars])
 
 
 def main(argv):

@@ -23,6 +23,7 @@ def test_sample_shows_depth_and_cache_size(dataset, tmp_path, capsys):
                  "--show_depth=True", "--device=cpu"])
     out = capsys.readouterr().out
     assert "mean depth per generated token: 1.000" in out and "(1.00x)" in out
+    assert "\n" + "█" * 6 + "\n" in out  # not a terminal: a full-height bar under each of the 6 characters
 
 
 def test_sample_rejects_unknown_flags_and_characters(dataset, tmp_path):
