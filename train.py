@@ -56,7 +56,7 @@ class TrainConfig:
     dataset: str = "shakespeare_char"  # a folder of data/ holding train.bin and val.bin
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
     batch_size: int = 12
-    block_size: int = 64
+    block_size: int = 0  # context length; 0: 64 for a new model, a trained model's own when starting from one
     # model (ignored when init_from loads one)
     n_layer: int = 4
     n_head: int = 4
@@ -311,12 +311,15 @@ def build_model(cfg, settings):
     if cfg.init_from == "scratch":
         if getattr(cls, "needs_dense_init", False):
             raise SystemExit(f"--variant {cfg.variant} tunes a trained model: pass --init_from <checkpoint | gpt2>")
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size(cfg.dataset), n_layer=cfg.n_layer,
+        config = GPTConfig(block_size=cfg.block_size or 64, vocab_size=vocab_size(cfg.dataset), n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
         return (cls(config, settings) if settings else cls(config)), None
     dense = dense_model(cfg.init_from, cfg.dropout)
-    if cfg.block_size < dense.config.block_size:
-        dense.crop_block_size(cfg.block_size)
+    if cfg.block_size > dense.config.block_size:
+        raise SystemExit(f"--block_size {cfg.block_size} is longer than the {dense.config.block_size} tokens "
+                         f"{cfg.init_from} was trained on")
+    if cfg.block_size:
+        dense.crop_block_size(cfg.block_size)  # e.g. finetune GPT-2 on shorter windows
     return (cls.from_dense(dense, settings) if settings else dense), None
 
 
@@ -391,7 +394,6 @@ def main(argv):
         rank, world = 0, 1
     master = rank == 0
     micro_steps = cfg.gradient_accumulation_steps // world  # this process's share
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
     torch.manual_seed(cfg.seed)
     device_type = "cuda" if device.startswith("cuda") else device
@@ -415,6 +417,7 @@ def main(argv):
     if ddp:
         dist.barrier()
     model.to(device)
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model.config.block_size
     limit = getattr(settings, "tune_samples", 0) * model.config.block_size
     batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, limit)
     if vocab_size(cfg.dataset) > model.config.vocab_size:
@@ -459,7 +462,7 @@ def main(argv):
 
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"variant {cfg.variant}: {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        print(f"variant {cfg.variant}: {raw_model.get_num_params() / 1e6:.2f}M parameters, context {raw_model.config.block_size}, "
               f"{raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), device {device}, {dtype}")
     log_path = Path(cfg.out_dir) / "log.jsonl"
     resumed_at = iter_num if ckpt is not None else None

@@ -131,3 +131,15 @@ def test_config_file_sets_flags_and_rejects_code(dataset, tmp_path):
 def test_nan_loss_stops_the_run_with_a_message(dataset, tmp_path):
     msg = run_error(tiny_flags(dataset, tmp_path, learning_rate=float("inf"), max_iters=3, warmup_iters=0))
     assert "loss became" in msg
+
+
+def test_a_trained_model_keeps_its_context_unless_block_size_is_given(dataset, tmp_path):
+    train.main(tiny_flags(dataset, tmp_path / "base", max_iters=1))  # context 16
+    flags = [f for f in tiny_flags(dataset, tmp_path / "cont", max_iters=1, init_from=tmp_path / "base")
+             if not f.startswith("--block_size")]
+    train.main(flags)
+    assert train.load_model(tmp_path / "cont")[0].config.block_size == 16
+    train.main(flags + ["--block_size=8", f"--out_dir={tmp_path / 'short'}"])
+    assert train.load_model(tmp_path / "short")[0].config.block_size == 8
+    with pytest.raises(SystemExit, match="longer than the 16 tokens"):
+        train.main(flags + ["--block_size=32"])
