@@ -106,6 +106,7 @@ class MindSkipGPT(GPT):
             nn.init.zeros_(router.weight)  # sigmoid(0) = 0.5 opens every gate: starts exactly dense
         self.loss_weights = {"sparsity": vcfg.sparsity_coef}
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
+        self.last_open = None
 
     @classmethod
     def from_dense(cls, dense, vcfg):
@@ -144,8 +145,9 @@ class MindSkipGPT(GPT):
                 x = self.apply_token_gate(i, block, x, gate, cache if writes_kv else None)
             if self.vcfg.skip == "attn":
                 x = x + block.mlp_update(x)
-            gates.append(gate.flatten())
-        gates = torch.cat(gates)
+            gates.append(gate)
+        self.last_open = [g.detach() > 0 for g in gates]  # per gated layer: (B,) or (B, T); for depth_per_token
+        gates = torch.cat([g.flatten() for g in gates])
         self.last_capacity = gates.detach().mean()
         return x, {"sparsity": capacity_hinge(gates, self.vcfg.target_capacity)}
 
@@ -208,6 +210,25 @@ class MindSkipGPT(GPT):
         token) that were open."""
         _, loss, _ = self(idx, targets)
         return {"loss": loss.item(), "capacity": self.last_capacity.item()}
+
+    @torch.no_grad()
+    def depth_per_token(self, idx, prompt_len):
+        """(B, T) share of the sublayers (attention and MLP of every layer) each token went
+        through: sequence gates as generation decides them, on the prompt; token gates token by
+        token (read in block_size windows)."""
+        skipped_per_gate = 2 if self.vcfg.skip == "block" else 1
+        n_sublayers = 2 * self.config.n_layer
+        if self.vcfg.router_level == "sequence":
+            cache = self.new_cache()
+            self(idx[:, :prompt_len][:, -self.config.block_size:], cache=cache)
+            closed = sum((~d).float() for d in cache.decisions.values())  # (B,)
+            return (1 - skipped_per_gate * closed[:, None] / n_sublayers).expand(idx.shape).cpu()
+        depths = []
+        for start in range(0, idx.size(1), self.config.block_size):
+            self(idx[:, start:start + self.config.block_size])
+            closed = sum((~o).float() for o in self.last_open)  # (B, window)
+            depths.append(1 - skipped_per_gate * closed.cpu() / n_sublayers)
+        return torch.cat(depths, dim=1)
 
     # --- cost ----------------------------------------------------------------------------
 

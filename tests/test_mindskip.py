@@ -383,3 +383,14 @@ def test_train_py_tunes_only_the_routers_of_a_dense_checkpoint_and_reloads_base_
         assert torch.equal(tuned.state_dict()[k], v), k
     for k, v in ckpt["model"].items():
         assert torch.equal(tuned.state_dict()[k], v) and torch.count_nonzero(v) > 0, k
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("skip, sublayers_per_gate", [("attn", 1), ("mlp", 1), ("block", 2)])
+def test_depth_per_token_counts_the_sublayers_the_gates_skip(skip, sublayers_per_gate, level):
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
+    open_model = mindskip(dense_gpt(), skip=skip, router_level=level)  # zero routers: every gate open
+    assert torch.equal(open_model.depth_per_token(idx, prompt_len=4), torch.ones(2, 10))
+    closed = mindskip(dense_gpt(), skip=skip, router_level=level, gate_threshold=1.5)  # every gate shut
+    expected = 1 - sublayers_per_gate * len(ROUTED) / (2 * TINY["n_layer"])
+    torch.testing.assert_close(closed.depth_per_token(idx, prompt_len=4), torch.full((2, 10), expected))
