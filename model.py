@@ -3,8 +3,7 @@ GPT-2 in one file (nanoGPT layout, Hugging Face parameter names).
 
     tokens -> wte + wpe -> [ trunk: n_layer Blocks ] -> ln_f -> lm_head -> logits
 
-This file knows nothing about routing. The techniques (mod.py, mom.py, mindskip.py)
-subclass GPT and override `forward_trunk` (and `flops_per_token`); they reuse
+Other files subclass GPT and override `forward_trunk` (and `flops_per_token`); they reuse
 `Block.attn_update` / `Block.mlp_update` instead of copying attention.
 
 A model's forward returns (logits, loss, aux): `aux` maps a name to an unweighted
@@ -115,7 +114,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)). The two updates are exposed separately
-    (without the residual) so that techniques can gate, route or skip each one."""
+    (without the residual) so that subclasses can reuse each one on its own."""
 
     def __init__(self, config):
         super().__init__()
@@ -191,7 +190,7 @@ class GPT(nn.Module):
         return [KVCache() for _ in self.transformer.h]
 
     def forward_trunk(self, x, cache=None):
-        """The part a technique replaces. Returns the hidden state and a dict of aux losses."""
+        """The part a subclass may replace. Returns the hidden state and a dict of aux losses."""
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i])
         return x, {}
@@ -219,7 +218,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def evaluate(self, idx, targets):
         """Metrics for one validation batch; 'loss' is the number train.py tracks as val loss.
-        Techniques with several inference modes report each one here."""
+        Subclasses may add metrics of their own."""
         _, loss, _ = self(idx, targets)
         return {"loss": loss.item()}
 
@@ -289,7 +288,7 @@ class GPT(nn.Module):
     # --- what generation used (sample.py --show_depth) -----------------------------------
 
     def kv_cache_nbytes(self, cache):
-        """Bytes of keys and values a cache holds (a technique's cache may sum its own)."""
+        """Bytes of keys and values a cache holds (a subclass's cache may count its own)."""
         return cache.nbytes() if hasattr(cache, "nbytes") else sum(layer.nbytes() for layer in cache)
 
     @torch.no_grad()

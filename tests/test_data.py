@@ -38,8 +38,7 @@ def load_script(name, relative_path):
 shakespeare = load_script("shakespeare_char_prepare", "data/shakespeare_char/prepare.py")
 openwebtext = load_script("openwebtext_prepare", "data/openwebtext/prepare.py")
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-        "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 7
+TEXT = "".join(f"line {i}: the quick brown fox jumps over {i % 7} lazy dogs.\n" for i in range(40))  # synthetic
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
