@@ -38,7 +38,7 @@ class MoDConfig:
     causal_method: str = "aux_loss"  # aux_loss | predictor: what decides routing token by token
     aux_loss_coef: float = 0.1  # weight of BCE(sigmoid(r), top-k membership) on the router
     predictor_coef: float = 1.0  # weight of the predictor's BCE (it cannot reach the LM, so only its speed)
-    kernels: str = "triton"  # triton | torch: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
+    kernels: str = "torch"  # torch | triton: opt-in fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
 
     def __post_init__(self):
         if not 0 < self.capacity <= 1:
@@ -79,13 +79,15 @@ class RoutedBlock(nn.Module):
         self.block = block
         self.capacity = vcfg.capacity
         self.kernels = vcfg.kernels
-        self.router = nn.Linear(n_embd, 1)  # r_i
+        # r_i = w . x_i + b: the paper's router has no bias; ours keeps one. It cannot change which
+        # tokens top-k picks (b shifts a whole row), only sigmoid(r) and the causal 0.5 threshold.
+        self.router = nn.Linear(n_embd, 1)
         self.predictor = None
         if vcfg.causal_method == "predictor":
             hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of the block's weights
             self.predictor = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.routed_mask = None  # (B, T) bool: which tokens of the last forward went through
-        self.causal_choice = None  # (B, T) bool: what causal routing chose, for the accuracy metric
+        self.causal_choice = None  # (B, T) bool: what causal routing chose, for precision and recall
 
     def routing_weights(self):
         """Matmul weights of the router (and predictor): what routing costs every token."""
@@ -214,14 +216,18 @@ class MoDGPT(GPT):
     @torch.no_grad()
     def evaluate(self, idx, targets):
         """'loss' is the causal-mode loss (what sampling gets); 'loss_topk' the training mode's.
-        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it,
-        and causal_acc_i, how often the causal decision agrees with top-k membership."""
+        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it;
+        causal_precision_i, the share of those that top-k also picks; causal_recall_i, the share
+        of top-k's tokens that causal routing picks. (Plain agreement would flatter a router that
+        never routes: it scores 1 - C.)"""
         metrics = {}
         with self.routing("topk"):
             metrics["loss_topk"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():
-                agree = block.causal_choice == block.routed_mask
-                metrics[f"causal_acc_{i}"] = agree.float().mean().item()
+                causal, topk = block.causal_choice, block.routed_mask
+                both = (causal & topk).sum().item()
+                metrics[f"causal_precision_{i}"] = both / max(1, causal.sum().item())
+                metrics[f"causal_recall_{i}"] = both / max(1, topk.sum().item())
         with self.routing("causal"):
             metrics["loss"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():

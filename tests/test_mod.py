@@ -260,8 +260,33 @@ def test_evaluate_reports_causal_loss_as_the_val_loss_and_routing_metrics():
     with model.routing("topk"):
         topk_loss = model(idx, idx)[1].item()
     assert metrics["loss"] == pytest.approx(causal_loss) and metrics["loss_topk"] == pytest.approx(topk_loss)
-    assert set(metrics) == {"loss", "loss_topk", "routed_frac_1", "routed_frac_3", "causal_acc_1", "causal_acc_3"}
-    assert 0 < metrics["routed_frac_1"] < 1 and 0 <= metrics["causal_acc_1"] <= 1
+    assert set(metrics) == {"loss", "loss_topk", "routed_frac_1", "routed_frac_3", "causal_precision_1",
+                            "causal_precision_3", "causal_recall_1", "causal_recall_3"}
+    assert 0 < metrics["routed_frac_1"] < 1
+
+
+def test_causal_precision_and_recall_do_not_flatter_a_router_that_never_routes():
+    """Agreement with top-k would score 1 - C for a router that routes nothing; recall scores 0."""
+    model = tiny_mod(capacity=0.25)
+    for block in model.routed_blocks().values():  # sigmoid(r) < 0.5 everywhere: causal mode routes nothing
+        torch.nn.init.zeros_(block.router.weight)
+        torch.nn.init.constant_(block.router.bias, -5.0)
+    idx = torch.randint(CONFIG["vocab_size"], (2, 32))
+    metrics = model.evaluate(idx, idx)
+    assert metrics["routed_frac_1"] == 0 and metrics["causal_recall_1"] == 0 and metrics["causal_precision_1"] == 0
+
+
+def test_causal_precision_and_recall_are_one_when_causal_routing_picks_exactly_the_top_k():
+    model = tiny_mod(capacity=0.25)
+    idx = torch.randint(CONFIG["vocab_size"], (1, 32))
+    with model.routing("topk"):
+        model(idx)
+    # make each routed block's router put +10 on exactly its top-k tokens and -10 elsewhere
+    for block in model.routed_blocks().values():
+        chosen = block.routed_mask[0]
+        block.router.forward = lambda x, chosen=chosen: (chosen.float() * 20 - 10)[None, :x.size(1), None].expand(x.size(0), -1, 1)
+    metrics = model.evaluate(idx, idx)
+    assert metrics["causal_precision_1"] == 1 and metrics["causal_recall_1"] == 1
 
 
 def test_routed_blocks_count_c_of_their_matmuls_and_c_squared_of_attention():
