@@ -11,13 +11,8 @@ auxiliary loss (empty for plain GPT-2); `model.loss_weights` maps the same names
 coefficient train.py multiplies it by.
 """
 
-import json
 import math
-import os
-import struct
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -128,11 +123,6 @@ class Block(nn.Module):
 
     def mlp_update(self, x):
         return self.mlp(self.ln_2(x))
-
-    def update(self, x, cache=None):
-        """f(x) = the whole block's output minus its input."""
-        h = x + self.attn_update(x, cache)
-        return h + self.mlp_update(h) - x
 
     def forward(self, x, cache=None):
         x = x + self.attn_update(x, cache)
@@ -302,126 +292,20 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, dropout=0.0, cache_dir=None, base_url=None):
         """GPT-2 weights in Hugging Face layout: a hub name (gpt2, gpt2-medium, gpt2-large,
         gpt2-xl, or any repo with config.json + model.safetensors), a local directory, or a
-        .safetensors file."""
-        path = Path(name_or_path)
-        if path.is_file():
-            weights_file, config_file = path, path.parent / "config.json"
-        elif path.is_dir():
-            weights_file, config_file = path / "model.safetensors", path / "config.json"
-        else:
-            weights_file = download_from_hub(name_or_path, "model.safetensors", cache_dir, base_url)
-            config_file = download_from_hub(name_or_path, "config.json", cache_dir, base_url)
-        if not weights_file.exists():
-            raise FileNotFoundError(f"no weights at {weights_file}")
-        hf = load_safetensors(weights_file)
-        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
-        hf_config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        if "wte.weight" not in hf or "wpe.weight" not in hf:
-            raise ValueError(f"{weights_file} is not a GPT-2 checkpoint (no wte/wpe weights)")
-        vocab_size, n_embd = hf["wte.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in hf if k.startswith("h."))
-        config = GPTConfig(
-            block_size=hf["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
-            n_head=hf_config.get("n_head", n_embd // 64), n_embd=n_embd, dropout=dropout,
-            bias=True,
-        )
-        model = cls(config)
+        .safetensors file. The reading and downloading live in gpt2_weights.py."""
+        from gpt2_weights import read_gpt2
+
+        config, state_dict = read_gpt2(name_or_path, cache_dir, base_url)
+        model = cls(GPTConfig(**{**config, "dropout": dropout}))
         sd = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        for k, v in hf.items():
-            if k.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # old checkpoints store the causal mask as a buffer
-            ours = k if k == "lm_head.weight" else "transformer." + k
-            if ours not in sd:
-                raise ValueError(f"unexpected tensor {k!r} in {weights_file}")
-            if k.endswith(transposed):
-                v = v.t()  # Hugging Face's Conv1D stores (in, out); nn.Linear wants (out, in)
-            if v.shape != sd[ours].shape:
-                raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(sd[ours].shape)}")
-            with torch.no_grad():
-                sd[ours].copy_(v)
-        missing = [k for k in sd if k != "lm_head.weight" and k.removeprefix("transformer.") not in hf]
-        if missing:
-            raise ValueError(f"{weights_file} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        missing = [k for k in sd if k not in state_dict and k != "lm_head.weight"]  # the head is tied to wte
+        unexpected = [k for k in state_dict if k not in sd]
+        if missing or unexpected:
+            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint ({len(missing)} tensors missing, "
+                             f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]})")
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                if v.shape != sd[k].shape:
+                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, the model wants {tuple(sd[k].shape)}")
+                sd[k].copy_(v)
         return model
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file with no extra package: an 8-byte little-endian header length,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file (too short)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
-        raise ValueError(f"{path}: not a safetensors file (header length {header_len} > file size)")
-    try:
-        header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file (bad JSON header: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
-    body = memoryview(data)[8 + header_len:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed entry for tensor {name!r}") from None
-        if any(s < 0 for s in shape):
-            raise ValueError(f"{path}: malformed entry for tensor {name!r} (negative dimension)")
-        expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= begin <= end <= len(body) or end - begin != expected:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets outside the file or of the wrong size")
-        raw = bytearray(body[begin:end])  # a copy: the tensor owns its memory
-        tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
-    return tensors
-
-
-HF_URL = "https://huggingface.co"
-
-
-def download_from_hub(repo, filename, cache_dir=None, base_url=None):
-    """Fetch {base_url}/{repo}/resolve/main/{filename} into the cache once; return its path."""
-    import requests
-
-    base_url = base_url or os.environ.get("NANODEPTH_HF_URL", HF_URL)
-    cache_dir = Path(cache_dir or os.environ.get("NANODEPTH_CACHE", Path.home() / ".cache" / "nanodepth"))
-    target = cache_dir / repo / filename
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    url = f"{base_url}/{repo}/resolve/main/{filename}"
-    try:
-        with requests.get(url, stream=True, timeout=30) as r:
-            if r.status_code == 404:
-                raise RuntimeError(f"{url} not found (404): is {repo!r} a GPT-2 repository on the hub?")
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            tmp, done = target.with_suffix(target.suffix + ".part"), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if total > (1 << 24):
-                        print(f"\r{filename}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", file=sys.stderr)
-            if total > (1 << 24):
-                print(file=sys.stderr)
-            os.replace(tmp, target)  # atomic: a killed download leaves no half file behind
-    except requests.RequestException as e:
-        raise RuntimeError(
-            f"could not download {url} ({e.__class__.__name__}). Check your connection, or pass a "
-            f"local directory holding config.json and model.safetensors instead of {repo!r}."
-        ) from None
-    return target

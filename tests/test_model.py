@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, block_matmul_params, load_safetensors
+from gpt2_weights import load_safetensors
+from model import GPT, GPTConfig, KVCache, block_matmul_params
 
 torch.set_num_threads(1)
 
@@ -215,7 +216,6 @@ def test_block_output_is_its_input_plus_the_attention_then_mlp_updates():
     x = torch.randn(2, 7, TINY["n_embd"], generator=torch.Generator().manual_seed(4))
     h = x + block.attn_update(x)
     torch.testing.assert_close(block(x), h + block.mlp_update(h))
-    torch.testing.assert_close(block(x), x + block.update(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_sequence_longer_than_block_size_is_refused():
@@ -261,10 +261,10 @@ def test_a_gpt2_file_missing_a_tensor_or_holding_a_stranger_is_refused(tmp_path)
     hf = tiny_hf_gpt2()
     missing = {k: v for k, v in hf.items() if k != "h.1.mlp.c_fc.bias"}
     write_checkpoint(tmp_path / "missing", missing)
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="1 tensors missing"):
         GPT.from_pretrained(str(tmp_path / "missing"))
     write_checkpoint(tmp_path / "extra", {**hf, "h.0.attn.rotary": torch.zeros(3)})
-    with pytest.raises(ValueError, match="unexpected tensor"):
+    with pytest.raises(ValueError, match="1 unexpected"):
         GPT.from_pretrained(str(tmp_path / "extra"))
 
 
