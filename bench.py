@@ -29,7 +29,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-import train
+from checkpoint import VARIANTS, data_dir, load_model, pick_device
+from configurator import build as build_settings, fail, parse_value, read_flags
 from model import GPT, GPTConfig
 
 
@@ -58,47 +59,52 @@ class BenchConfig:
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
     repeats: int = 5  # with --prefill: timed passes per model (interleaved), median reported
 
+    def __post_init__(self):
+        for flag in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps",
+                     "max_new_tokens", "decode_batch", "decode_repeats", "prompt_len", "repeats"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_head {self.n_head} must divide --n_embd {self.n_embd}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
 
 def parse_args(argv):
     """Bench flags plus any variant's flags: {variant: settings}."""
     own = {f.name: f for f in fields(BenchConfig)}
-    values, per_variant = {}, {name: {} for name in train.VARIANTS}
-    for key, text in train.read_flags(argv).items():
+    values, per_variant = {}, {name: {} for name in VARIANTS}
+    for key, text in read_flags(argv).items():
         if key in own:
-            values[key] = train.parse_value(text, own[key])
+            values[key] = parse_value(text, own[key])
             continue
-        owners = [n for n, (_, cls) in train.VARIANTS.items() if cls and key in {f.name for f in fields(cls)}]
+        owners = [n for n, (_, cls) in VARIANTS.items() if cls and key in {f.name for f in fields(cls)}]
         if not owners:
-            raise SystemExit(f"unknown flag --{key}. Valid: {', '.join(own)} and the variants' own flags")
+            fail(f"unknown flag --{key}. Valid: {', '.join(own)} and the variants' own flags")
         for name in owners:
-            field = next(f for f in fields(train.VARIANTS[name][1]) if f.name == key)
-            per_variant[name][key] = train.parse_value(text, field)
-    cfg = BenchConfig(**values)
+            field = next(f for f in fields(VARIANTS[name][1]) if f.name == key)
+            per_variant[name][key] = parse_value(text, field)
+    cfg = build_settings(BenchConfig, values)
     if cfg.prefill and not cfg.checkpoints:
-        raise SystemExit("--prefill=True measures trained models: pass --checkpoints=dir1,dir2,...")
-    names = list(train.VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
+        fail("--prefill=True measures trained models: pass --checkpoints=dir1,dir2,...")
+    names = list(VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
     for name in names:
-        if name not in train.VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(train.VARIANTS)}")
+        if name not in VARIANTS:
+            fail(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     if names[0] != "baseline":
         names = ["baseline"] + [n for n in names if n != "baseline"]  # ratios need the baseline
     settings = {}
     for name in names:
-        cls = train.VARIANTS[name][1]
-        try:
-            settings[name] = cls(**per_variant[name]) if cls else None
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        cls = VARIANTS[name][1]
+        settings[name] = build_settings(cls, per_variant[name]) if cls else None
     return cfg, settings
 
 
 def build(name, settings, config, seed):
     """A freshly initialised model of one variant (from a dense one where it needs that)."""
     torch.manual_seed(seed)
-    cls = train.VARIANTS[name][0]
-    if settings is None:
-        return cls(config)
-    if getattr(cls, "needs_dense_init", False):
+    cls = VARIANTS[name][0]
+    if cls.starts_from_dense:
         return cls.from_dense(GPT(config), settings)
     return cls(config, settings)
 
@@ -173,21 +179,21 @@ def time_decode(model, cfg, device, use_cache, prompt=None):
 
 def val_tokens(ckpt):
     """The val split of the dataset a checkpoint was trained on, as int64 tokens."""
-    folder = train.data_dir(ckpt["config"]["dataset"])
+    folder = data_dir(ckpt["config"]["dataset"])
     if not (folder / "val.bin").exists():
-        raise SystemExit(f"{folder}/val.bin is missing: prepare the dataset the checkpoint was trained on")
+        fail(f"{folder}/val.bin is missing: prepare the dataset the checkpoint was trained on")
     return torch.from_numpy(np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int64))
 
 
 @torch.no_grad()
 def measure_checkpoints(cfg, device, autocast):
     """Trained models side by side: the decode table, or (--prefill) every whole val window once."""
-    loaded = [(path, *train.load_model(path)) for path in cfg.checkpoints.split(",")]
+    loaded = [(path, *load_model(path)) for path in cfg.checkpoints.split(",")]
     if cfg.decode:
         # past its context the cache restarts at every token (exact, but no faster): stay in one window
         context = min(model.config.block_size for _, model, _ in loaded)
         if cfg.prompt_len >= context:
-            raise SystemExit(f"--prompt_len {cfg.prompt_len} leaves no room in a {context}-token context")
+            fail(f"--prompt_len {cfg.prompt_len} leaves no room in a {context}-token context")
         cfg = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, context - cfg.prompt_len))
         print(f"# greedy decode of {cfg.max_new_tokens} tokens after a {cfg.prompt_len}-token val prompt "
               f"(one {context}-token context), batch {cfg.decode_batch}")
@@ -257,7 +263,7 @@ def compare_kernels(cfg, settings, config, device, autocast):
     (eager and compiled) vs the PyTorch reference (eager and compiled), same run, same shapes.
     The baseline step, eager and compiled, turns each MoD step into a speed-up and a fraction
     of MoD's FLOP ceiling (baseline FLOPs / MoD FLOPs, DESIGN.md convention)."""
-    mod_settings = settings.get("mod") or train.VARIANTS["mod"][1]()
+    mod_settings = settings.get("mod") or VARIANTS["mod"][1]()
     baseline = {}
     for compiled in (False, True):
         model = build("baseline", None, config, cfg.seed).to(device)
@@ -280,7 +286,7 @@ def compare_kernels(cfg, settings, config, device, autocast):
 
 def main(argv):
     cfg, settings = parse_args(argv)
-    device = train.pick_device(cfg)
+    device = pick_device(cfg.device)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = torch.autocast(device.split(":")[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"

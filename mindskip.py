@@ -37,7 +37,6 @@ class MindSkipConfig:
     router_level: str = "sequence"  # sequence: one gate per sequence from the mean LN output | token: one per token (causal)
     target_capacity: float = 0.5  # share of routed sublayers the sparsity hinge lets stay open
     sparsity_coef: float = 10.0  # lambda, the weight of relu(mean gate - target_capacity); the LM loss alone keeps gates open
-    tune_samples: int = 1000  # training sequences router-tuning draws from (the start of train.bin)
     gate_threshold: float = 0.5  # gate opens iff sigmoid(score) >= this; 0 forces open, > 1 forces closed
 
     def __post_init__(self):
@@ -49,8 +48,6 @@ class MindSkipConfig:
             raise ValueError(f"--target_capacity must be in [0, 1], got {self.target_capacity}")
         if not self.sparsity_coef >= 0:
             raise ValueError(f"--sparsity_coef must be >= 0, got {self.sparsity_coef}")
-        if self.tune_samples < 1:
-            raise ValueError(f"--tune_samples must be >= 1, got {self.tune_samples}")
         if not self.gate_threshold >= 0:
             raise ValueError(f"--gate_threshold must be >= 0, got {self.gate_threshold}")
         self.explicit_layers()  # raises on a malformed list
@@ -95,7 +92,8 @@ class MindSkipCache:
 
 
 class MindSkipGPT(GPT):
-    needs_dense_init = True  # train.py: router-tuning starts from a trained dense model
+    starts_from_dense = True  # router-tuning tunes a trained dense model
+    default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples changes it)
 
     def __init__(self, config, vcfg):
         super().__init__(config)

@@ -3,12 +3,25 @@ GPT-2 in one file (nanoGPT layout, Hugging Face parameter names).
 
     tokens -> wte + wpe -> [ trunk: n_layer Blocks ] -> ln_f -> lm_head -> logits
 
-Other files subclass GPT and override `forward_trunk` (and `flops_per_token`); they reuse
-`Block.attn_update` / `Block.mlp_update` instead of copying attention.
+Each technique of this repository is a subclass of GPT (a "variant"). The class GPT below
+declares, with GPT-2's own behaviour as the default, every member a variant may override; the
+trainer, the sampler and the benchmark talk to every model only through these:
 
-A model's forward returns (logits, loss, aux): `aux` maps a name to an unweighted
-auxiliary loss (empty for plain GPT-2); `model.loss_weights` maps the same names to the
-coefficient train.py multiplies it by.
+    __init__(config, settings=None)   settings: the variant's own dataclass of flags
+    from_dense(dense, settings)       classmethod: a variant built from a trained GPT-2
+    starts_from_dense                 True if the variant cannot train from scratch
+    default_train_samples             0, or N: train by epochs over the first N windows of train.bin
+    forward_trunk(x, cache)           the blocks; returns (hidden state, {aux loss name: value})
+    loss_weights                      {aux loss name: coefficient the trainer multiplies it by}
+    evaluate(idx, targets)            metrics of one val batch; 'loss' is the val loss
+    flops_per_token(seq_len)          training FLOPs per token (the convention below)
+    new_cache()                       an empty KV cache for generate; kv_cache_nbytes(cache)
+    depth_per_token(idx, prompt_len)  share of the network each token went through
+    checkpoint_state_dict()           what a checkpoint keeps (all weights, or only the trained ones)
+    ddp_find_unused_parameters        True if some weights may get no gradient in a step
+
+forward returns (logits, loss, aux). Block exposes its attention and MLP updates separately
+(`attn_update`, `mlp_update`) so that a variant reuses them instead of copying attention.
 """
 
 import math
@@ -140,7 +153,11 @@ def attention_flops(n_embd, n_keys):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    starts_from_dense = False  # plain GPT-2 trains from scratch
+    default_train_samples = 0  # training windows: 0 = random windows from all of train.bin
+    ddp_find_unused_parameters = False  # every weight gets a gradient in every step
+
+    def __init__(self, config, settings=None):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
@@ -166,6 +183,15 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_dense(cls, dense, settings=None):
+        """The variant built from a trained GPT-2; for GPT-2 itself, the model as it is."""
+        return dense
+
+    def checkpoint_state_dict(self):
+        """The tensors a checkpoint keeps: all of them here."""
+        return self.state_dict()
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())

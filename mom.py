@@ -158,6 +158,8 @@ def cached_attention_among(qkv, keep, n_head, caches):
 
 
 class MoMGPT(GPT):
+    ddp_find_unused_parameters = True  # a module no token chose in a step gets no gradient
+
     def __init__(self, config, vcfg):
         super().__init__(config)
         L = config.n_layer

@@ -7,15 +7,14 @@ Sample from a trained model (any variant) or from pretrained GPT-2.
     python sample.py --show_depth=True                # shade each token by the depth it used
 """
 
-import pickle
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-import train
-from model import GPT
+from checkpoint import data_dir, is_gpt2_weights, load_model, pick_device, pretrained, read_meta
+from configurator import build, fail, parse_value, read_flags
 
 
 @dataclass
@@ -32,37 +31,42 @@ class SampleConfig:
     use_cache: bool = True  # KV cache: the prompt runs once, then one position per token
     show_depth: bool = False  # shade each token by how much of the network it used
 
+    def __post_init__(self):
+        for flag in ("num_samples", "max_new_tokens"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError("--temperature and --top_k must be >= 0")
+
 
 def parse_args(argv):
     known = {f.name: f for f in fields(SampleConfig)}
     values = {}
-    for key, text in train.read_flags(argv).items():
+    for key, text in read_flags(argv).items():
         if key not in known:
-            raise SystemExit(f"unknown flag --{key}. Valid flags: {', '.join(known)}")
-        values[key] = train.parse_value(text, known[key])
-    return SampleConfig(**values)
+            fail(f"unknown flag --{key}. Valid flags: {', '.join(known)}")
+        values[key] = parse_value(text, known[key])
+    return build(SampleConfig, values)
 
 
 def load(cfg):
     """(model, dataset name or None) from a checkpoint or the hub."""
-    if cfg.init_from.startswith("gpt2"):
-        return GPT.from_pretrained(cfg.init_from), None
-    model, ckpt = train.load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
+    if cfg.init_from != "resume" and is_gpt2_weights(cfg.init_from):
+        return pretrained(cfg.init_from), None
+    model, ckpt = load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
     return model, ckpt.get("config", {}).get("dataset")
 
 
 def tokenizer(dataset):
-    """The dataset's characters when it has a meta.pkl, else GPT-2 BPE."""
-    meta = train.data_dir(dataset) / "meta.pkl" if dataset else None
-    if meta is not None and meta.exists():
-        with open(meta, "rb") as f:
-            meta = pickle.load(f)
+    """The dataset's characters when it has a vocabulary file (meta.json), else GPT-2 BPE."""
+    meta = read_meta(data_dir(dataset)) if dataset else None
+    if meta is not None:
         stoi, itos = meta["stoi"], meta["itos"]
 
         def encode(s):
             unknown = sorted({c for c in s if c not in stoi})
             if unknown:
-                raise SystemExit(f"the prompt has characters this model never saw: {unknown}")
+                fail(f"--start: the prompt has characters this model never saw: {unknown}")
             return [stoi[c] for c in s]
 
         return encode, lambda ids: "".join(itos[i] for i in ids)
@@ -100,7 +104,7 @@ def shade(pieces, depths, colour):
 
 def main(argv):
     cfg = parse_args(argv)
-    device = train.pick_device(cfg)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, dataset = load(cfg)
     model.eval().to(device)
@@ -109,11 +113,11 @@ def main(argv):
     if start.startswith("FILE:"):
         path = Path(start[5:])
         if not path.exists():
-            raise SystemExit(f"no prompt file at {path}")
+            fail(f"--start: no prompt file at {path}")
         start = path.read_text(encoding="utf-8")
     ids = encode(start)
     if not ids:
-        raise SystemExit("the prompt is empty: pass --start with at least one character")
+        fail("--start: the prompt is empty: pass at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
     colour = sys.stdout.isatty()
     if cfg.show_depth and colour:

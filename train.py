@@ -2,25 +2,24 @@
 Train GPT-2 or one of its dynamic-depth variants.
 
     python train.py                                   # tiny char-level GPT on Tiny Shakespeare, CPU, minutes
-    python train.py --variant mod --capacity 0.125    # Mixture-of-Depths
+    python train.py --variant mod --capacity 0.125    # Mixture-of-Depths, into out-mod/
     python train.py config/train_shakespeare_char.py --max_iters=2000
+    python train.py --init_from=resume --out_dir=out-mod   # continue a stopped run exactly
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-Flags are the fields of TrainConfig below plus those of the chosen variant's config
-(`--key value` or `--key=value`); a config file holds `key = value` lines.
+Flags are the fields of TrainConfig below plus those of the chosen variant's settings
+(`--key value` or `--key=value`); a config file holds `key = value` lines. The models speak
+the contract declared at the top of model.py, so nothing here depends on the variant.
 """
 
-import ast
-import dataclasses
-import hashlib
 import json
 import math
 import os
-import pickle
+import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,35 +27,32 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mindskip import MindSkipConfig, MindSkipGPT
-from mod import MoDConfig, MoDGPT
-from model import GPT, GPTConfig
-from mom import MoMConfig, MoMGPT
+from checkpoint import (VARIANTS, data_dir, dense_model, file_sha256, is_gpt2_weights, load_model, pick_device,
+                        read_checkpoint, read_meta, save_checkpoint)
+from configurator import build, fail, parse_value, read_flags
+from model import GPTConfig
 
-VARIANTS = {  # name -> (model class, its settings dataclass)
-    "baseline": (GPT, None),
-    "mod": (MoDGPT, MoDConfig),
-    "mom": (MoMGPT, MoMConfig),
-    "router_tuning": (MindSkipGPT, MindSkipConfig),
-}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class TrainConfig:
     variant: str = "baseline"  # baseline | mod | mom | router_tuning
     # I/O
-    out_dir: str = "out"
+    out_dir: str = ""  # "" = out for the baseline, out-<variant> for the others
+    overwrite: bool = False  # a new run may replace the checkpoint already in out_dir
     eval_interval: int = 250
     log_interval: int = 10
     eval_iters: int = 20  # batches per split at each evaluation
-    eval_only: bool = False  # evaluate once and exit
+    eval_only: bool = False  # evaluate once, print, write nothing
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | path to a checkpoint
+    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a checkpoint | GPT-2 safetensors
     # data
     dataset: str = "shakespeare_char"  # a folder of data/ holding train.bin and val.bin
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
     batch_size: int = 12
     block_size: int = 0  # context length; 0: 64 for a new model, a trained model's own when starting from one
+    train_samples: int = -1  # -1: the variant's default; 0: random windows from all of train.bin; N: epochs over N windows
     # model (ignored when init_from loads one)
     n_layer: int = 4
     n_head: int = 4
@@ -81,71 +77,46 @@ class TrainConfig:
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     seed: int = 1337
 
-
-# --- flags -----------------------------------------------------------------------------------
-
-def parse_value(text, field):
-    """Turn a flag's text into the field's type, or raise a message naming the flag."""
-    kind = field.type
-    try:
-        if kind is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        return kind(text)
-    except ValueError:
-        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind.__name__)
-        raise SystemExit(f"--{field.name} expects {wanted}, got {text!r}") from None
-
-
-def read_config_file(path):
-    """A config file is Python with `key = literal` lines only (nothing runs)."""
-    try:
-        tree = ast.parse(Path(path).read_text(), filename=str(path))
-    except (OSError, SyntaxError) as e:
-        raise SystemExit(f"cannot read config file {path}: {e}") from None
-    values = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise SystemExit(f"{path}:{node.lineno}: config files hold only `key = value` lines")
-        try:
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise SystemExit(f"{path}:{node.lineno}: the value must be a literal") from None
-    return values
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown --variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.out_dir = self.out_dir or ("out" if self.variant == "baseline" else f"out-{self.variant}")
+        positive = ("eval_interval", "log_interval", "eval_iters", "batch_size", "gradient_accumulation_steps",
+                    "n_layer", "n_head", "n_embd")
+        for flag in positive:
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        for flag in ("max_iters", "warmup_iters", "lr_decay_iters", "block_size", "weight_decay", "grad_clip",
+                     "min_lr"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_head {self.n_head} must divide --n_embd {self.n_embd} (each head gets n_embd / n_head)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.train_samples < -1:
+            raise ValueError(f"--train_samples must be -1 (the variant's default), 0 (all) or a count, got {self.train_samples}")
 
 
-def read_flags(argv):
-    """`--key value`, `--key=value` and config files -> {key: text}, later ones winning."""
-    raw = {}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raw.update({k: str(v) for k, v in read_config_file(arg).items()})
-            continue
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if not args or args[0].startswith("--"):
-                raise SystemExit(f"--{key} needs a value")
-            value = args.pop(0)
-        raw[key] = value
-    return raw
+# Resuming continues a run as it was trained; only these may differ from the stored settings.
+MAY_CHANGE_ON_RESUME = {"init_from", "out_dir", "overwrite", "max_iters", "lr_decay_iters", "eval_interval",
+                        "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "device", "compile",
+                        "backend"}
 
 
 def parse_args(argv):
-    """argv -> (TrainConfig, variant settings or None). Unknown or mistyped flags exit with a message."""
+    """argv -> (TrainConfig, variant settings or None, names of the flags given)."""
     raw = read_flags(argv)
     variant = raw.get("variant", "baseline")
     if variant not in VARIANTS:
-        raise SystemExit(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        fail(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     settings_cls = VARIANTS[variant][1]
-    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    variant_fields = {f.name: f for f in dataclasses.fields(settings_cls)} if settings_cls else {}
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    variant_fields = {f.name: f for f in fields(settings_cls)} if settings_cls else {}
     train_values, variant_values = {}, {}
     for key, value in raw.items():
         if key in train_fields:
@@ -153,66 +124,116 @@ def parse_args(argv):
         elif key in variant_fields:
             variant_values[key] = parse_value(value, variant_fields[key])
         else:
-            owners = [name for name, (_, cls) in VARIANTS.items()
-                      if cls and key in {f.name for f in dataclasses.fields(cls)}]
+            owners = [name for name, (_, cls) in VARIANTS.items() if cls and key in {f.name for f in fields(cls)}]
             hint = f" (it belongs to --variant {owners[0]})" if owners else ""
             valid = ", ".join(sorted([*train_fields, *variant_fields]))
-            raise SystemExit(f"unknown flag --{key}{hint}. Valid flags for --variant {variant}: {valid}")
-    try:
-        settings = settings_cls(**variant_values) if settings_cls else None
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return TrainConfig(**train_values), settings
+            fail(f"unknown flag --{key}{hint}. Valid flags for --variant {variant}: {valid}")
+    settings = build(settings_cls, variant_values) if settings_cls else None
+    return build(TrainConfig, train_values), settings, set(raw)
+
+
+def resume_settings(cfg, settings, given, ckpt):
+    """(TrainConfig, variant settings) of the stored run, with the few flags that may change
+    taken from the command line (and printed). Any other flag given with a different value is
+    refused by name."""
+    stored = {k: v for k, v in ckpt.get("config", {}).items() if k in {f.name for f in fields(TrainConfig)}}
+    stored_variant = ckpt.get("variant_args", {})
+    if cfg.variant != ckpt["variant"] and "variant" in given:
+        fail(f"{cfg.out_dir} holds a {ckpt['variant']} checkpoint, not --variant {cfg.variant}")
+    if "block_size" in given and cfg.block_size != ckpt["model_args"]["block_size"]:
+        fail(f"--block_size {cfg.block_size}: the run in {cfg.out_dir} was trained with context "
+             f"{ckpt['model_args']['block_size']}; resume keeps it (start a new run to change it)")
+    for key in sorted(given - MAY_CHANGE_ON_RESUME - {"variant", "block_size"}):
+        mine = getattr(cfg, key) if key in stored else getattr(settings, key, None)
+        theirs = stored.get(key, stored_variant.get(key))
+        if key in stored or key in stored_variant:
+            if mine != theirs:
+                fail(f"--{key}={mine} differs from the {theirs} the run in {cfg.out_dir} was trained with; resume "
+                     f"continues a run as it was (start a new run with --out_dir to change it)")
+    restored = TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in given & MAY_CHANGE_ON_RESUME},
+                              "variant": ckpt["variant"], "init_from": "resume", "out_dir": cfg.out_dir})
+    for key in sorted(given & MAY_CHANGE_ON_RESUME - {"init_from", "out_dir"}):
+        if key in stored and stored[key] != getattr(restored, key):
+            print(f"resume: --{key} {stored[key]} -> {getattr(restored, key)}")
+    settings_cls = VARIANTS[ckpt["variant"]][1]
+    return restored, (build(settings_cls, stored_variant) if settings_cls else None)
 
 
 # --- data ------------------------------------------------------------------------------------
-
-def data_dir(dataset):
-    """A name under data/, or a path to any folder holding train.bin and val.bin."""
-    return Path(dataset) if os.sep in dataset else Path(__file__).parent / "data" / dataset
-
 
 def ensure_data(dataset):
     """Stop with instructions if the dataset has not been prepared (Shakespeare prepares itself)."""
     folder = data_dir(dataset)
     if (folder / "train.bin").exists() and (folder / "val.bin").exists():
         return
-    if dataset == "shakespeare_char" and (folder / "prepare.py").exists():
+    prepare = folder / "prepare.py"
+    if dataset == "shakespeare_char" and prepare.exists():
         print("data/shakespeare_char is not prepared yet: preparing it now")
         import subprocess
-        done = subprocess.run([sys.executable, str(folder / "prepare.py")])
-        if done.returncode == 0:
-            return
-        raise SystemExit(1)
-    raise SystemExit(
-        f"dataset {dataset!r} is not prepared: {folder}/train.bin and val.bin are missing. "
-        f"Run `python data/{dataset}/prepare.py` first (see README)."
-    )
+        if subprocess.run([sys.executable, str(prepare)]).returncode != 0:
+            raise SystemExit(2)  # prepare.py printed its own one-line reason
+        return
+    if prepare.exists():
+        fail(f"--dataset {dataset}: {folder}/train.bin and val.bin are missing; run `python {prepare}` first")
+    known = sorted(p.parent.name for p in (Path(__file__).parent / "data").glob("*/prepare.py"))
+    fail(f"--dataset {dataset}: no {folder}/train.bin and val.bin; use one of {', '.join(known)} "
+         f"or a folder holding train.bin and val.bin")
+
+
+def vocab_size(dataset):
+    """The dataset's characters (meta.json), else GPT-2's vocabulary padded to a multiple of 64."""
+    meta = read_meta(data_dir(dataset))
+    return meta["vocab_size"] if meta else 50304
 
 
 class Batches:
-    """Random windows of a uint16 token file. The generator is shared by all processes so that
-    every rank draws the same global batch and takes its own slice (DDP == one process)."""
+    """Windows of a uint16 token file. The generator is shared by all processes so that every
+    rank draws the same global batch and takes its own slice (DDP == one process). With
+    `samples` > 0, training reads epochs over the first `samples` windows of train.bin, each
+    window once per epoch (the official router-tuning recipe); else random windows anywhere."""
 
-    def __init__(self, dataset, block_size, batch_size, device, seed, limit_tokens=0):
+    def __init__(self, dataset, block_size, batch_size, device, seed, samples=0):
         self.files = {s: data_dir(dataset) / f"{s}.bin" for s in ("train", "val")}
-        self.block_size, self.batch_size, self.device = block_size, batch_size, device
-        self.limit_tokens = limit_tokens  # train only on the first tokens (router-tuning's slice)
+        self.block_size, self.batch_size, self.device, self.samples = block_size, batch_size, device, samples
         self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0  # this epoch's windows, next one
         for split, path in self.files.items():
-            n = len(self.tokens(split))
+            if path.stat().st_size % 2:
+                fail(f"{path} has an odd number of bytes: not a file of uint16 tokens; prepare the dataset again")
+            n = path.stat().st_size // 2
             if n <= block_size:
-                raise SystemExit(f"{path} holds {n} tokens, fewer than block_size + 1 = {block_size + 1}")
+                fail(f"{path} holds {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                     f"use a smaller --block_size or more data")
 
     def tokens(self, split):
-        data = np.memmap(self.files[split], dtype=np.uint16, mode="r")  # reopen: memmaps leak
-        if split == "train" and self.limit_tokens:
-            data = data[: self.limit_tokens + 1]
-        return data
+        return np.memmap(self.files[split], dtype=np.uint16, mode="r")  # reopen: memmaps leak
+
+    def check_vocabulary(self, model_vocab):
+        """Every token id must have an embedding (a strided sample of very large files)."""
+        for split, path in self.files.items():
+            data = self.tokens(split)
+            top = int(data[:: max(1, len(data) // 50_000_000)].max())
+            if top >= model_vocab:
+                fail(f"{path} holds token id {top}, beyond the model's vocabulary of {model_vocab}: "
+                     f"is --dataset the one this model was trained on?")
 
     def offsets(self, split, n, generator=None):
+        if split == "train" and self.samples and generator is None:
+            return self.epoch_offsets(n)
         high = len(self.tokens(split)) - self.block_size
         return torch.randint(high, (n,), generator=generator or self.generator)
+
+    def epoch_offsets(self, n):
+        windows = min(self.samples, (len(self.tokens("train")) - 1) // self.block_size)
+        taken, count = [], 0
+        while count < n:
+            if self.position >= len(self.order):  # a new epoch: every window once, in a fresh order
+                self.order, self.position = torch.randperm(windows, generator=self.generator), 0
+            take = self.order[self.position:self.position + n - count]
+            taken.append(take)
+            count += len(take)
+            self.position += len(take)
+        return torch.cat(taken) * self.block_size
 
     def fetch(self, split, offsets):
         data = self.tokens(split)
@@ -222,114 +243,50 @@ class Batches:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def state(self):
+        return {"data": self.generator.get_state(), "order": self.order, "position": self.position}
 
-# --- checkpoints -----------------------------------------------------------------------------
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    def load_state(self, state):
+        self.generator.set_state(state["data"])
+        self.order, self.position = state.get("order", self.order), state.get("position", 0)
 
 
-def save_checkpoint(path, payload):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path):
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.exists():
-        raise SystemExit(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a readable nanodepth checkpoint ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args", "variant"} <= ckpt.keys():
-        raise SystemExit(f"{path} is not a nanodepth checkpoint (missing model, model_args or variant)")
-    return ckpt, path
-
-
-def load_model(path):
-    """Rebuild any nanodepth checkpoint on the CPU: (model, checkpoint dict)."""
-    ckpt, path = read_checkpoint(path)
-    if ckpt["variant"] not in VARIANTS:
-        raise SystemExit(f"{path} holds variant {ckpt['variant']!r}, unknown to this version of nanodepth")
-    cls, settings_cls = VARIANTS[ckpt["variant"]]
-    settings = settings_cls(**ckpt["variant_args"]) if settings_cls else None
-    if "base" in ckpt:  # only part of the model was trained; the rest lives in the base checkpoint
-        if "pretrained" in ckpt["base"]:
-            base = GPT.from_pretrained(ckpt["base"]["pretrained"])
-        else:
-            base_path = Path(ckpt["base"]["path"])
-            if not base_path.exists():
-                raise SystemExit(f"{path} builds on {base_path}, which is missing")
-            if file_sha256(base_path) != ckpt["base"]["sha256"]:
-                raise SystemExit(f"{base_path} changed since {path} was trained on it (sha256 differs)")
-            base, _ = load_model(base_path)
-        if ckpt["model_args"]["block_size"] < base.config.block_size:
-            base.crop_block_size(ckpt["model_args"]["block_size"])
-        model = cls.from_dense(base, settings)
-        _, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if unexpected:
-            raise SystemExit(f"{path} does not fit its base model: unexpected tensors {unexpected[:3]}")
-    else:
-        config = GPTConfig(**ckpt["model_args"])
-        model = cls(config, settings) if settings_cls else cls(config)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise SystemExit(f"{path} does not match its own settings: {e}") from None
-    return model, ckpt
-
-
-def dense_model(init_from, dropout):
-    """A trained GPT-2 to start from: a hub name (gpt2*) or a baseline checkpoint."""
-    if init_from.startswith("gpt2"):
-        return GPT.from_pretrained(init_from, dropout=dropout)
-    model, ckpt = load_model(init_from)
-    if ckpt["variant"] != "baseline":
-        raise SystemExit(f"--init_from {init_from} holds a {ckpt['variant']} model; a dense baseline is needed")
-    return model
-
+# --- model -----------------------------------------------------------------------------------
 
 def build_model(cfg, settings):
-    """The model to train and, when resuming, the checkpoint it came from."""
+    """The model to train: from scratch, or a variant built from a trained dense model."""
     cls, _ = VARIANTS[cfg.variant]
-    if cfg.init_from == "resume":
-        model, ckpt = load_model(cfg.out_dir)
-        if ckpt["variant"] != cfg.variant:
-            raise SystemExit(f"{cfg.out_dir} holds a {ckpt['variant']} checkpoint, not --variant {cfg.variant}")
-        return model, ckpt
     if cfg.init_from == "scratch":
-        if getattr(cls, "needs_dense_init", False):
-            raise SystemExit(f"--variant {cfg.variant} tunes a trained model: pass --init_from <checkpoint | gpt2>")
+        if cls.starts_from_dense:
+            fail(f"--variant {cfg.variant} tunes a trained model: pass --init_from <checkpoint | gpt2>")
         config = GPTConfig(block_size=cfg.block_size or 64, vocab_size=vocab_size(cfg.dataset), n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-        return (cls(config, settings) if settings else cls(config)), None
+        try:
+            return cls(config, settings)
+        except ValueError as e:  # a setting the model's size cannot hold, e.g. --route_every > n_layer
+            fail(str(e))
     dense = dense_model(cfg.init_from, cfg.dropout)
     if cfg.block_size > dense.config.block_size:
-        raise SystemExit(f"--block_size {cfg.block_size} is longer than the {dense.config.block_size} tokens "
-                         f"{cfg.init_from} was trained on")
+        fail(f"--block_size {cfg.block_size} is longer than the {dense.config.block_size} tokens "
+             f"{cfg.init_from} was trained on")
     if cfg.block_size:
         dense.crop_block_size(cfg.block_size)  # e.g. finetune GPT-2 on shorter windows
-    return (cls.from_dense(dense, settings) if settings else dense), None
+    try:
+        return cls.from_dense(dense, settings)
+    except ValueError as e:  # e.g. pools larger than the dense model's layers
+        fail(f"--init_from {cfg.init_from}: {e}")
 
 
-def vocab_size(dataset):
-    """Characters from meta.pkl, else GPT-2's vocabulary padded to a multiple of 64."""
-    meta = data_dir(dataset) / "meta.pkl"
-    if meta.exists():
-        with open(meta, "rb") as f:
-            return pickle.load(f)["vocab_size"]
-    return 50304
+def base_pointer(cfg):
+    """Where the frozen part of a partly-trained model lives (its checkpoint keeps only the rest)."""
+    if is_gpt2_weights(cfg.init_from):
+        return {"pretrained": cfg.init_from}
+    path = read_checkpoint(cfg.init_from)[1].resolve()
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # --- training --------------------------------------------------------------------------------
@@ -365,43 +322,56 @@ def evaluate(model, batches, cfg, autocast):
     return results
 
 
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the current iteration and save, so that resuming is
+    exact and a save is never cut in half; a second Ctrl-C during training stops at once
+    (without saving), and Ctrl-C during a save waits for it."""
+
+    def __init__(self):
+        self.requested, self.saving = False, False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def release(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.requested and not self.saving:
+            raise KeyboardInterrupt
+        if not self.requested:
+            print("\nCtrl-C: stopping after this iteration and saving (Ctrl-C again to stop without saving)",
+                  file=sys.stderr)
+        self.requested = True
 
 
 def main(argv):
-    cfg, settings = parse_args(argv)
+    cfg, settings, given = parse_args(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
-    device = pick_device(cfg)
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if cfg.gradient_accumulation_steps % world:
+        fail(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of the "
+             f"{world} processes (each process takes an equal share of the micro-batches)")
+    master = rank == 0
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt, _ = read_checkpoint(cfg.out_dir)
+        cfg, settings = resume_settings(cfg, settings, given, ckpt)
+    elif (Path(cfg.out_dir) / "ckpt.pt").exists() and not cfg.overwrite and not cfg.eval_only:
+        fail(f"{cfg.out_dir} already holds a checkpoint: pick another --out_dir, continue it with "
+             f"--init_from=resume, or pass --overwrite=True to replace it")
+    device = pick_device(cfg.device)
     if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
         dist.init_process_group(backend=backend)
         if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
-        if cfg.gradient_accumulation_steps % world:
-            raise SystemExit(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
-                             f"must be a multiple of the {world} processes")
-    else:
-        rank, world = 0, 1
-    master = rank == 0
     micro_steps = cfg.gradient_accumulation_steps // world  # this process's share
-
     torch.manual_seed(cfg.seed)
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -411,90 +381,113 @@ def main(argv):
         ensure_data(cfg.dataset)
     if ddp:
         dist.barrier()
-    model, ckpt = build_model(cfg, settings)
+    model = load_model(cfg.out_dir, ckpt)[0] if ckpt is not None else build_model(cfg, settings)
     if master:
         ensure_data(cfg.dataset)
     if ddp:
         dist.barrier()
     model.to(device)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model.config.block_size
-    limit = getattr(settings, "tune_samples", 0) * model.config.block_size
-    batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, limit)
-    if vocab_size(cfg.dataset) > model.config.vocab_size:
-        raise SystemExit(f"dataset {cfg.dataset} has {vocab_size(cfg.dataset)} tokens, more than the "
-                         f"model's vocabulary of {model.config.vocab_size}")
+    samples = cfg.train_samples if cfg.train_samples >= 0 else model.default_train_samples
+    batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, samples)
+    batches.check_vocabulary(model.config.vocab_size)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, saved = 0, float("inf"), None  # saved: (iter, val loss) of the checkpoint on disk
     if ckpt is not None:  # resume exactly where the checkpoint stopped
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        saved = (iter_num, ckpt.get("val_loss", best_val_loss))
         torch.set_rng_state(ckpt["rng"]["torch"])
-        batches.generator.set_state(ckpt["rng"]["data"])
+        batches.load_state(ckpt["rng"])
     raw_model = model
     if cfg.compile and device_type == "cuda":
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    base = ckpt.get("base") if ckpt else None  # where a partly-trained model's frozen weights live
-    if getattr(raw_model, "needs_dense_init", False) and base is None:
-        if cfg.init_from.startswith("gpt2"):
-            base = {"pretrained": cfg.init_from}
-        else:
-            base_path = read_checkpoint(cfg.init_from)[1].resolve()
-            base = {"path": str(base_path), "sha256": file_sha256(base_path)}
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+                    find_unused_parameters=raw_model.ddp_find_unused_parameters)
+    base = ckpt.get("base") if ckpt else (base_pointer(cfg) if raw_model.starts_from_dense else None)
+    out, log_path = Path(cfg.out_dir), Path(cfg.out_dir) / "log.jsonl"
 
-    def checkpoint(it):
+    def save(it, val_loss=None):
+        """Atomic, and never a model with non-finite weights or loss (None: not evaluated)."""
+        nonlocal saved
+        if not ((val_loss is None or math.isfinite(val_loss)) and all_finite(raw_model)):
+            print(f"not saving iter {it}: val loss {val_loss} or the weights are not finite")
+            return
         payload = {
-            "model": raw_model.checkpoint_state_dict() if hasattr(raw_model, "checkpoint_state_dict") else raw_model.state_dict(),
-            "model_args": asdict(raw_model.config),
-            "variant": cfg.variant,
-            "variant_args": asdict(settings) if settings else {},
-            "optimizer": optimizer.state_dict(),
-            "iter_num": it,
-            "best_val_loss": best_val_loss,
-            "config": asdict(cfg),
-            "rng": {"torch": torch.get_rng_state(), "data": batches.generator.get_state()},
+            "model": raw_model.checkpoint_state_dict(), "model_args": asdict(raw_model.config),
+            "variant": cfg.variant, "variant_args": asdict(settings) if settings else {},
+            "optimizer": optimizer.state_dict(), "iter_num": it, "best_val_loss": best_val_loss,
+            "val_loss": val_loss, "config": asdict(cfg),
+            "rng": {"torch": torch.get_rng_state(), **batches.state()},
         }
         if base:
             payload["base"] = base
-        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", payload)
+        stop.saving = True
+        save_checkpoint(out / "ckpt.pt", payload)
+        stop.saving = False
+        saved = (it, val_loss)
+
+    def last_good():
+        if saved:
+            return f"the last good checkpoint is {out / 'ckpt.pt'} (iter {saved[0]})"
+        return f"no checkpoint was saved in {out}"
+
+    def run_eval():
+        """Evaluate, print, log, and save when the rules say so. Returns the val loss."""
+        nonlocal best_val_loss, eval_seconds
+        eval_start = time.time()
+        metrics = evaluate(raw_model, batches, cfg, autocast)
+        val_loss = metrics["val"]["loss"]
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "loss")
+        print(f"step {iter_num}: train loss {metrics['train']['loss']:.4f}, val loss {val_loss:.4f} {shown}")
+        if cfg.eval_only:
+            return val_loss
+        train_seconds = eval_start - started - eval_seconds  # this process's training time so far
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"iter": iter_num, "train_seconds": train_seconds, **metrics}) + "\n")
+        if iter_num > 0 and (val_loss < best_val_loss or cfg.always_save_checkpoint):
+            best_val_loss = min(best_val_loss, val_loss)
+            save(iter_num, val_loss)
+        eval_seconds += time.time() - eval_start
+        return val_loss
 
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print(f"variant {cfg.variant}: {raw_model.get_num_params() / 1e6:.2f}M parameters, context {raw_model.config.block_size}, "
-              f"{raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), device {device}, {dtype}")
-    log_path = Path(cfg.out_dir) / "log.jsonl"
-    resumed_at = iter_num if ckpt is not None else None
-    t0 = started = time.time()
-    eval_seconds = 0.0  # kept out of the logged training time, so that variants compare at equal wall time
+        print(f"variant {cfg.variant}: {raw_model.get_num_params() / 1e6:.2f}M parameters, context "
+              f"{raw_model.config.block_size}, {raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), "
+              f"device {device}, {dtype}")
+    started, eval_seconds = time.time(), 0.0  # evals are kept out of the logged training time
+    if cfg.eval_only:
+        if master:
+            run_eval()
+        if ddp:
+            dist.destroy_process_group()
+        return
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a process killed while saving
+        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= iter_num] \
+            if ckpt is not None and log_path.exists() else []
+        log_path.write_text("".join(l + "\n" for l in kept))  # a new run starts a new log; resume drops lines past the checkpoint
+    stop = StopRequest()
+    resumed_at, last_eval = (iter_num if ckpt is not None else None), None
+    t0 = time.time()
     try:
         while True:
-            if iter_num % cfg.eval_interval == 0 and iter_num != resumed_at and master:
-                eval_start = time.time()
-                metrics = evaluate(raw_model, batches, cfg, autocast)
-                shown = " ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "loss")
-                print(f"step {iter_num}: train loss {metrics['train']['loss']:.4f}, val loss {metrics['val']['loss']:.4f} {shown}")
-                train_seconds = eval_start - started - eval_seconds  # this process's training time so far
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"iter": iter_num, "train_seconds": train_seconds, **metrics}) + "\n")
-                if metrics["val"]["loss"] < best_val_loss or cfg.always_save_checkpoint:
-                    best_val_loss = min(best_val_loss, metrics["val"]["loss"])
-                    if iter_num > 0:
-                        checkpoint(iter_num)
-                eval_seconds += time.time() - eval_start
-            if iter_num == 0 and cfg.eval_only:
+            if master and iter_num != resumed_at and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+                last_eval = (iter_num, run_eval())
+            stopping = torch.tensor(float(stop.requested or iter_num >= cfg.max_iters))
+            if ddp:  # every rank stops at the same iteration
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+            if stopping.item():
                 break
-            if iter_num >= cfg.max_iters:
-                break
-
             lr = learning_rate(cfg, iter_num)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # every rank draws the same global batch and trains on its own micro-batches of it
             offsets = batches.offsets("train", cfg.gradient_accumulation_steps * cfg.batch_size)
             offsets = offsets.view(cfg.gradient_accumulation_steps, cfg.batch_size)[rank * micro_steps:(rank + 1) * micro_steps]
-            aux_totals = {}
+            totals = {}
             for micro in range(micro_steps):
                 X, Y = batches.fetch("train", offsets[micro])
                 if ddp:  # sync gradients only on the last micro-step
@@ -503,40 +496,44 @@ def main(argv):
                     _, lm_loss, aux = model(X, Y)
                     loss = lm_loss + sum(raw_model.loss_weights[k] * v for k, v in aux.items())
                 if not torch.isfinite(loss):
-                    raise SystemExit(f"loss became {loss.item()} at iter {iter_num}: stopping. The last good "
-                                     f"checkpoint is in {cfg.out_dir}; try a lower --learning_rate")
+                    print(f"loss became {loss.item()} at iter {iter_num}: stopping; {last_good()}. "
+                          f"Try a lower --learning_rate", file=sys.stderr)
+                    raise SystemExit(1)
                 scaler.scale(loss / micro_steps).backward()
-                aux_totals["lm"] = aux_totals.get("lm", 0.0) + lm_loss.item() / micro_steps
-                for k, v in aux.items():
-                    aux_totals[k] = aux_totals.get(k, 0.0) + v.item() / micro_steps
+                for k, v in {"lm": lm_loss, **aux}.items():
+                    totals[k] = totals.get(k, 0.0) + v.item() / micro_steps
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-
             t1 = time.time()
             dt, t0 = t1 - t0, t1
             if iter_num % cfg.log_interval == 0 and master:
-                parts = [f"iter {iter_num}: loss {aux_totals.pop('lm'):.4f}"]
-                parts += [f"{k} {v:.4f}" for k, v in aux_totals.items()]
-                parts += [f"time {dt * 1000:.1f}ms", f"{tokens_per_iter / dt:,.0f} tok/s"]
+                parts = [f"iter {iter_num}: loss {totals.pop('lm'):.4f}", *(f"{k} {v:.4f}" for k, v in totals.items()),
+                         f"time {dt * 1000:.1f}ms", f"{cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size / dt:,.0f} tok/s"]
                 if device_type == "cuda":
-                    parts.append(f"mfu {100 * raw_model.estimate_mfu(tokens_per_iter, dt):.1f}%")
+                    parts.append(f"mfu {100 * raw_model.estimate_mfu(cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size, dt):.1f}%")
                 print(", ".join(parts))
             iter_num += 1
-
-    except KeyboardInterrupt:  # keep what was trained: save, then stop
-        if master and iter_num > 0:
-            checkpoint(iter_num)
-            print(f"\ninterrupted: saved iter {iter_num} to {Path(cfg.out_dir) / 'ckpt.pt'}; --init_from resume continues")
+    except KeyboardInterrupt:
+        print(f"\nstopped without saving iter {iter_num}; {last_good()}", file=sys.stderr)
         raise SystemExit(130)
-    if master and not cfg.eval_only and iter_num != resumed_at:
-        checkpoint(iter_num)
-        print(f"saved {Path(cfg.out_dir) / 'ckpt.pt'} (best val loss {best_val_loss:.4f})")
+    finally:
+        stop.release()
+    if master and iter_num != resumed_at:
+        if stop.requested and iter_num != (saved or (None,))[0]:  # Ctrl-C: keep what was trained, evaluated or not
+            save(iter_num, last_eval[1] if last_eval and last_eval[0] == iter_num else None)
+        if saved:
+            shown = "not evaluated" if saved[1] is None else f"{saved[1]:.4f}"
+            print(f"saved {out / 'ckpt.pt'}: iter {saved[0]}, val loss {shown}"
+                  + ("; --init_from=resume continues" if stop.requested else ""))
     if ddp:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    if stop.requested:
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

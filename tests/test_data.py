@@ -11,7 +11,6 @@ import importlib.util
 import io
 import lzma
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 import pytest
 import requests
 import tiktoken
+
+from checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,7 @@ def closed_port():
 def read_split(out_dir):
     train = np.fromfile(out_dir / "train.bin", dtype=np.uint16)
     val = np.fromfile(out_dir / "val.bin", dtype=np.uint16)
-    with open(out_dir / "meta.pkl", "rb") as f:
-        meta = pickle.load(f)
-    return train, val, meta
+    return train, val, read_meta(out_dir)
 
 
 def test_shakespeare_download_gives_90_10_split_whose_ids_decode_back_to_the_text(server, tmp_path, monkeypatch):

@@ -1,19 +1,15 @@
 """Mixture-of-Modules: the properties DESIGN.md lists, on tiny models with fixed seeds."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model import GPT, GPTConfig  # noqa: E402
-from mom import SKIP, MoMConfig, MoMGPT  # noqa: E402
-from router import switch_balance_loss  # noqa: E402
+from model import GPT, GPTConfig
+from mom import SKIP, MoMConfig, MoMGPT
+from router import switch_balance_loss
 
 CFG = dict(block_size=16, vocab_size=32, n_layer=3, n_head=2, n_embd=16, dropout=0.0)
 

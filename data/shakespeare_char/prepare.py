@@ -7,13 +7,13 @@ Tiny Shakespeare at the character level (40,000 lines of Shakespeare, 1,115,394 
 
 Writes, next to this file (or in --out_dir):
     train.bin, val.bin   character ids as uint16, the first 90% and the last 10% of the text
-    meta.pkl             {'vocab_size', 'itos', 'stoi'} to decode samples
+    meta.json            {'vocab_size', 'itos', 'stoi'} to decode samples (JSON: reading it runs no code)
 """
 
 import argparse
 import hashlib
+import json
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -74,8 +74,8 @@ def write(out_dir, train_ids, val_ids, stoi, itos):
     os.makedirs(out_dir, exist_ok=True)
     train_ids.tofile(os.path.join(out_dir, "train.bin"))
     val_ids.tofile(os.path.join(out_dir, "val.bin"))
-    with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
-        pickle.dump({"vocab_size": len(itos), "itos": itos, "stoi": stoi}, f)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump({"vocab_size": len(itos), "itos": itos, "stoi": stoi}, f)
 
 
 def prepare(text, out_dir):
@@ -92,7 +92,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a local copy of input.txt (skips the download)")
     parser.add_argument("--url", default=URL, help="where to download input.txt from")
-    parser.add_argument("--out_dir", default=HERE, help="where train.bin / val.bin / meta.pkl go")
+    parser.add_argument("--out_dir", default=HERE, help="where train.bin / val.bin / meta.json go")
     args = parser.parse_args(argv)
 
     path = args.input
