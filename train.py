@@ -331,9 +331,6 @@ class StopRequest:
         self.requested, self.saving = False, False
         self.previous = signal.signal(signal.SIGINT, self.handle)
 
-    def release(self):
-        signal.signal(signal.SIGINT, self.previous)
-
     def handle(self, signum, frame):
         if self.requested and not self.saving:
             raise KeyboardInterrupt
@@ -342,15 +339,193 @@ class StopRequest:
                   file=sys.stderr)
         self.requested = True
 
+    def release(self):
+        signal.signal(signal.SIGINT, self.previous)
 
-def main(argv):
-    cfg, settings, given = parse_args(argv)
+
+@dataclass
+class Run:
+    """Everything one training run holds; setup() builds it, the loop below moves it on."""
+    cfg: TrainConfig
+    settings: object  # the variant's settings dataclass, or None
+    model: torch.nn.Module  # what the loop calls: maybe compiled, maybe wrapped in DDP
+    raw_model: torch.nn.Module  # the model itself: what is saved and evaluated
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: Batches
+    autocast: object
+    ddp: bool
+    rank: int
+    micro_steps: int  # this process's micro-batches per optimizer step
+    base: dict = None  # where a partly-trained model's frozen weights live
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    saved: tuple = None  # (iter, val loss) of the checkpoint on disk
+    stop: StopRequest = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def out(self):
+        return Path(self.cfg.out_dir)
+
+
+def setup(cfg, settings, ckpt):
+    """Processes, device, model, data and optimizer; restored from `ckpt` when resuming."""
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if cfg.gradient_accumulation_steps % world:
         fail(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of the "
              f"{world} processes (each process takes an equal share of the micro-batches)")
-    master = rank == 0
+    device = pick_device(cfg.device)
+    if ddp:
+        dist.init_process_group(backend=cfg.backend if cfg.backend != "auto" else
+                                ("nccl" if device.startswith("cuda") else "gloo"))
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    device_type = "cuda" if device.startswith("cuda") else device
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # a bad checkpoint is reported before any download; only a scratch model needs the data's vocabulary first
+    for step in ("before", "after"):
+        if rank == 0 and (step == "after" or cfg.init_from == "scratch"):
+            ensure_data(cfg.dataset)
+        if ddp:
+            dist.barrier()
+        if step == "before":
+            model = load_model(cfg.out_dir, ckpt)[0] if ckpt else build_model(cfg, settings)
+    model.to(device)
+    samples = cfg.train_samples if cfg.train_samples >= 0 else model.default_train_samples
+    batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, samples)
+    batches.check_vocabulary(model.config.vocab_size)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    run = Run(cfg, settings, model, model, optimizer, torch.amp.GradScaler(device_type, enabled=(dtype == "float16")),
+              batches, autocast, ddp, rank, cfg.gradient_accumulation_steps // world)
+    if ckpt:  # resume exactly where the checkpoint stopped
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.iter_num, run.best_val_loss, run.base = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("base")
+        run.saved = (run.iter_num, ckpt.get("val_loss", run.best_val_loss))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        batches.load_state(ckpt["rng"])
+    elif model.starts_from_dense:
+        run.base = base_pointer(cfg)
+    if cfg.compile and device_type == "cuda":
+        run.model = torch.compile(model)
+    if ddp:
+        run.model = DDP(run.model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
+                        find_unused_parameters=model.ddp_find_unused_parameters)
+    if run.master:
+        print(f"variant {cfg.variant}: {model.get_num_params() / 1e6:.2f}M parameters, context "
+              f"{model.config.block_size}, {model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), "
+              f"device {device}, {dtype}")
+    return run
+
+
+def save(run, val_loss=None):
+    """Atomic, and never a model with non-finite weights or loss (val_loss None: not evaluated)."""
+    if not ((val_loss is None or math.isfinite(val_loss)) and all_finite(run.raw_model)):
+        print(f"not saving iter {run.iter_num}: val loss {val_loss} or the weights are not finite")
+        return
+    payload = {
+        "model": run.raw_model.checkpoint_state_dict(), "model_args": asdict(run.raw_model.config),
+        "variant": run.cfg.variant, "variant_args": asdict(run.settings) if run.settings else {},
+        "optimizer": run.optimizer.state_dict(), "iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
+        "val_loss": val_loss, "config": asdict(run.cfg),
+        "rng": {"torch": torch.get_rng_state(), **run.batches.state()},
+    }
+    if run.base:
+        payload["base"] = run.base
+    run.stop.saving = True
+    save_checkpoint(run.out / "ckpt.pt", payload)
+    run.stop.saving = False
+    run.saved = (run.iter_num, val_loss)
+
+
+def last_good(run):
+    if run.saved:
+        return f"the last good checkpoint is {run.out / 'ckpt.pt'} (iter {run.saved[0]})"
+    return f"no checkpoint was saved in {run.out}"
+
+
+def eval_log_save(run, train_seconds):
+    """Evaluate, print, then (unless --eval_only) log and save when the rules say so. Returns the val loss."""
+    metrics = evaluate(run.raw_model, run.batches, run.cfg, run.autocast)
+    val_loss = metrics["val"]["loss"]
+    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "loss")
+    print(f"step {run.iter_num}: train loss {metrics['train']['loss']:.4f}, val loss {val_loss:.4f} {shown}")
+    if run.cfg.eval_only:
+        return val_loss
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"iter": run.iter_num, "train_seconds": train_seconds, **metrics}) + "\n")
+    if run.iter_num > 0 and (val_loss < run.best_val_loss or run.cfg.always_save_checkpoint):
+        run.best_val_loss = min(run.best_val_loss, val_loss)
+        save(run, val_loss)
+    return val_loss
+
+
+def start_output(run, resuming):
+    """The out_dir for this run: no stale temporary file; a new run starts a new log, a resumed
+    one drops the lines logged after its checkpoint (a process killed between log and save)."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a process killed while saving
+    log = run.out / "log.jsonl"
+    kept = [line for line in log.read_text().splitlines() if json.loads(line)["iter"] <= run.iter_num] \
+        if resuming and log.exists() else []
+    log.write_text("".join(line + "\n" for line in kept))
+
+
+def train_step(run, lr):
+    """One optimizer step over this process's micro-batches of the global batch. Returns the
+    mean of each loss (LM and auxiliary) for the log line."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # every rank draws the same global batch and trains on its own micro-batches of it
+    offsets = run.batches.offsets("train", cfg.gradient_accumulation_steps * cfg.batch_size)
+    offsets = offsets.view(cfg.gradient_accumulation_steps, cfg.batch_size)
+    offsets = offsets[run.rank * run.micro_steps:(run.rank + 1) * run.micro_steps]
+    totals = {}
+    for micro in range(run.micro_steps):
+        X, Y = run.batches.fetch("train", offsets[micro])
+        if run.ddp:  # sync gradients only on the last micro-step
+            run.model.require_backward_grad_sync = micro == run.micro_steps - 1
+        with run.autocast:
+            _, lm_loss, aux = run.model(X, Y)
+            loss = lm_loss + sum(run.raw_model.loss_weights[k] * v for k, v in aux.items())
+        if not torch.isfinite(loss):
+            print(f"loss became {loss.item()} at iter {run.iter_num}: stopping; {last_good(run)}. "
+                  f"Try a lower --learning_rate", file=sys.stderr)
+            raise SystemExit(1)
+        run.scaler.scale(loss / run.micro_steps).backward()
+        for k, v in {"lm": lm_loss, **aux}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() / run.micro_steps
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def log_line(run, totals, dt):
+    tokens = run.cfg.gradient_accumulation_steps * run.cfg.batch_size * run.raw_model.config.block_size
+    parts = [f"iter {run.iter_num}: loss {totals.pop('lm'):.4f}", *(f"{k} {v:.4f}" for k, v in totals.items()),
+             f"time {dt * 1000:.1f}ms", f"{tokens / dt:,.0f} tok/s"]
+    if torch.cuda.is_available():
+        parts.append(f"mfu {100 * run.raw_model.estimate_mfu(tokens, dt):.1f}%")
+    return ", ".join(parts)
+
+
+def main(argv):
+    cfg, settings, given = parse_args(argv)
     ckpt = None
     if cfg.init_from == "resume":
         ckpt, _ = read_checkpoint(cfg.out_dir)
@@ -358,182 +533,56 @@ def main(argv):
     elif (Path(cfg.out_dir) / "ckpt.pt").exists() and not cfg.overwrite and not cfg.eval_only:
         fail(f"{cfg.out_dir} already holds a checkpoint: pick another --out_dir, continue it with "
              f"--init_from=resume, or pass --overwrite=True to replace it")
-    device = pick_device(cfg.device)
-    if ddp:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-    micro_steps = cfg.gradient_accumulation_steps // world  # this process's share
-    torch.manual_seed(cfg.seed)
-    device_type = "cuda" if device.startswith("cuda") else device
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # a bad checkpoint is reported before any download; only a scratch model needs the data's vocabulary first
-    if master and cfg.init_from == "scratch":
-        ensure_data(cfg.dataset)
-    if ddp:
-        dist.barrier()
-    model = load_model(cfg.out_dir, ckpt)[0] if ckpt is not None else build_model(cfg, settings)
-    if master:
-        ensure_data(cfg.dataset)
-    if ddp:
-        dist.barrier()
-    model.to(device)
-    samples = cfg.train_samples if cfg.train_samples >= 0 else model.default_train_samples
-    batches = Batches(cfg.dataset, model.config.block_size, cfg.batch_size, device, cfg.seed, samples)
-    batches.check_vocabulary(model.config.vocab_size)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    iter_num, best_val_loss, saved = 0, float("inf"), None  # saved: (iter, val loss) of the checkpoint on disk
-    if ckpt is not None:  # resume exactly where the checkpoint stopped
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        saved = (iter_num, ckpt.get("val_loss", best_val_loss))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batches.load_state(ckpt["rng"])
-    raw_model = model
-    if cfg.compile and device_type == "cuda":
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
-                    find_unused_parameters=raw_model.ddp_find_unused_parameters)
-    base = ckpt.get("base") if ckpt else (base_pointer(cfg) if raw_model.starts_from_dense else None)
-    out, log_path = Path(cfg.out_dir), Path(cfg.out_dir) / "log.jsonl"
-
-    def save(it, val_loss=None):
-        """Atomic, and never a model with non-finite weights or loss (None: not evaluated)."""
-        nonlocal saved
-        if not ((val_loss is None or math.isfinite(val_loss)) and all_finite(raw_model)):
-            print(f"not saving iter {it}: val loss {val_loss} or the weights are not finite")
-            return
-        payload = {
-            "model": raw_model.checkpoint_state_dict(), "model_args": asdict(raw_model.config),
-            "variant": cfg.variant, "variant_args": asdict(settings) if settings else {},
-            "optimizer": optimizer.state_dict(), "iter_num": it, "best_val_loss": best_val_loss,
-            "val_loss": val_loss, "config": asdict(cfg),
-            "rng": {"torch": torch.get_rng_state(), **batches.state()},
-        }
-        if base:
-            payload["base"] = base
-        stop.saving = True
-        save_checkpoint(out / "ckpt.pt", payload)
-        stop.saving = False
-        saved = (it, val_loss)
-
-    def last_good():
-        if saved:
-            return f"the last good checkpoint is {out / 'ckpt.pt'} (iter {saved[0]})"
-        return f"no checkpoint was saved in {out}"
-
-    def run_eval():
-        """Evaluate, print, log, and save when the rules say so. Returns the val loss."""
-        nonlocal best_val_loss, eval_seconds
-        eval_start = time.time()
-        metrics = evaluate(raw_model, batches, cfg, autocast)
-        val_loss = metrics["val"]["loss"]
-        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics["val"].items() if k != "loss")
-        print(f"step {iter_num}: train loss {metrics['train']['loss']:.4f}, val loss {val_loss:.4f} {shown}")
-        if cfg.eval_only:
-            return val_loss
-        train_seconds = eval_start - started - eval_seconds  # this process's training time so far
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"iter": iter_num, "train_seconds": train_seconds, **metrics}) + "\n")
-        if iter_num > 0 and (val_loss < best_val_loss or cfg.always_save_checkpoint):
-            best_val_loss = min(best_val_loss, val_loss)
-            save(iter_num, val_loss)
-        eval_seconds += time.time() - eval_start
-        return val_loss
-
-    if master:
-        print(f"variant {cfg.variant}: {raw_model.get_num_params() / 1e6:.2f}M parameters, context "
-              f"{raw_model.config.block_size}, {raw_model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), "
-              f"device {device}, {dtype}")
-    started, eval_seconds = time.time(), 0.0  # evals are kept out of the logged training time
-    if cfg.eval_only:
-        if master:
-            run_eval()
-        if ddp:
-            dist.destroy_process_group()
-        return
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a process killed while saving
-        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= iter_num] \
-            if ckpt is not None and log_path.exists() else []
-        log_path.write_text("".join(l + "\n" for l in kept))  # a new run starts a new log; resume drops lines past the checkpoint
-    stop = StopRequest()
-    resumed_at, last_eval = (iter_num if ckpt is not None else None), None
-    t0 = time.time()
+    run = setup(cfg, settings, ckpt)
+    if cfg.eval_only:  # evaluate what was loaded or built, print, write nothing
+        if run.master:
+            eval_log_save(run, 0.0)
+        return finish(run)
+    if run.master:
+        start_output(run, resuming=ckpt is not None)
+    run.stop = StopRequest()
+    resumed_at, last_eval = run.iter_num if ckpt else None, None
+    started = t0 = time.time()
+    eval_seconds = 0.0  # kept out of the logged training time, so that variants compare at equal wall time
     try:
         while True:
-            if master and iter_num != resumed_at and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
-                last_eval = (iter_num, run_eval())
-            stopping = torch.tensor(float(stop.requested or iter_num >= cfg.max_iters))
-            if ddp:  # every rank stops at the same iteration
+            it = run.iter_num
+            if run.master and it != resumed_at and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+                eval_start = time.time()
+                last_eval = (it, eval_log_save(run, eval_start - started - eval_seconds))
+                eval_seconds += time.time() - eval_start
+            stopping = torch.tensor(float(run.stop.requested or it >= cfg.max_iters))
+            if run.ddp:  # every rank stops at the same iteration
                 dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
             if stopping.item():
                 break
-            lr = learning_rate(cfg, iter_num)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # every rank draws the same global batch and trains on its own micro-batches of it
-            offsets = batches.offsets("train", cfg.gradient_accumulation_steps * cfg.batch_size)
-            offsets = offsets.view(cfg.gradient_accumulation_steps, cfg.batch_size)[rank * micro_steps:(rank + 1) * micro_steps]
-            totals = {}
-            for micro in range(micro_steps):
-                X, Y = batches.fetch("train", offsets[micro])
-                if ddp:  # sync gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro == micro_steps - 1
-                with autocast:
-                    _, lm_loss, aux = model(X, Y)
-                    loss = lm_loss + sum(raw_model.loss_weights[k] * v for k, v in aux.items())
-                if not torch.isfinite(loss):
-                    print(f"loss became {loss.item()} at iter {iter_num}: stopping; {last_good()}. "
-                          f"Try a lower --learning_rate", file=sys.stderr)
-                    raise SystemExit(1)
-                scaler.scale(loss / micro_steps).backward()
-                for k, v in {"lm": lm_loss, **aux}.items():
-                    totals[k] = totals.get(k, 0.0) + v.item() / micro_steps
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            totals = train_step(run, learning_rate(cfg, it))
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if iter_num % cfg.log_interval == 0 and master:
-                parts = [f"iter {iter_num}: loss {totals.pop('lm'):.4f}", *(f"{k} {v:.4f}" for k, v in totals.items()),
-                         f"time {dt * 1000:.1f}ms", f"{cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size / dt:,.0f} tok/s"]
-                if device_type == "cuda":
-                    parts.append(f"mfu {100 * raw_model.estimate_mfu(cfg.gradient_accumulation_steps * cfg.batch_size * raw_model.config.block_size, dt):.1f}%")
-                print(", ".join(parts))
-            iter_num += 1
+            if it % cfg.log_interval == 0 and run.master:
+                print(log_line(run, totals, dt))
+            run.iter_num += 1
     except KeyboardInterrupt:
-        print(f"\nstopped without saving iter {iter_num}; {last_good()}", file=sys.stderr)
+        print(f"\nstopped without saving iter {run.iter_num}; {last_good(run)}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        stop.release()
-    if master and iter_num != resumed_at:
-        if stop.requested and iter_num != (saved or (None,))[0]:  # Ctrl-C: keep what was trained, evaluated or not
-            save(iter_num, last_eval[1] if last_eval and last_eval[0] == iter_num else None)
-        if saved:
-            shown = "not evaluated" if saved[1] is None else f"{saved[1]:.4f}"
-            print(f"saved {out / 'ckpt.pt'}: iter {saved[0]}, val loss {shown}"
-                  + ("; --init_from=resume continues" if stop.requested else ""))
-    if ddp:
+        run.stop.release()
+    if run.master and run.iter_num != resumed_at:
+        if run.stop.requested and run.iter_num != (run.saved or (None,))[0]:  # Ctrl-C: keep what was trained
+            save(run, last_eval[1] if last_eval and last_eval[0] == run.iter_num else None)
+        if run.saved:
+            shown = "not evaluated" if run.saved[1] is None else f"{run.saved[1]:.4f}"
+            print(f"saved {run.out / 'ckpt.pt'}: iter {run.saved[0]}, val loss {shown}"
+                  + ("; --init_from=resume continues" if run.stop.requested else ""))
+    finish(run)
+    if run.stop.requested:
+        raise SystemExit(130)
+
+
+def finish(run):
+    if run.ddp:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
-    if stop.requested:
-        raise SystemExit(130)
 
 
 if __name__ == "__main__":
