@@ -11,6 +11,10 @@ f is the block's update without its residual (attention, then MLP), run on the r
 alone, in their original order: a routed token attends only to earlier routed tokens, and a
 token that skips the block leaves no key there. The paper multiplies by the raw score r_i; we
 squash it with a sigmoid so the scale stays bounded (the auxiliary loss reads sigmoid(r) too).
+The paper's router is w . x_i with no bias; ours keeps the bias b of nn.Linear. b is the same
+for every token, so it never changes which tokens top-k picks; it shifts sigmoid(r), the update's
+scale and the causal 0.5 threshold, which lets the BCE fit the base rate C (a logit near
+log(C / (1 - C)) = -1.95 at C = 0.125) without bending w towards it.
 
 Top-k over the sequence peeks at the future, so sampling decides token by token instead
 (routing_mode "causal"): route iff sigmoid(r_i) > 0.5, with the router trained towards the
@@ -38,7 +42,8 @@ class MoDConfig:
     causal_method: str = "aux_loss"  # aux_loss | predictor: what decides routing token by token
     aux_loss_coef: float = 0.1  # weight of BCE(sigmoid(r), top-k membership) on the router
     predictor_coef: float = 1.0  # weight of the predictor's BCE (it cannot reach the LM, so only its speed)
-    kernels: str = "triton"  # triton | torch: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
+    # torch by default: the fused kernels have never been timed on a GPU (README: estimate on paper)
+    kernels: str = "torch"  # torch | triton: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
 
     def __post_init__(self):
         if not 0 < self.capacity <= 1:
@@ -79,7 +84,7 @@ class RoutedBlock(nn.Module):
         self.block = block
         self.capacity = vcfg.capacity
         self.kernels = vcfg.kernels
-        self.router = nn.Linear(n_embd, 1)  # r_i
+        self.router = nn.Linear(n_embd, 1)  # r_i = w . x_i + b: the paper has no b (see the docstring)
         self.predictor = None
         if vcfg.causal_method == "predictor":
             hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of the block's weights
@@ -214,14 +219,18 @@ class MoDGPT(GPT):
     @torch.no_grad()
     def evaluate(self, idx, targets):
         """'loss' is the causal-mode loss (what sampling gets); 'loss_topk' the training mode's.
-        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it,
-        and causal_acc_i, how often the causal decision agrees with top-k membership."""
+        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it, and
+        causal routing scored against top-k membership on the same hidden states (top-k mode):
+        causal_precision_i = |causal & top-k| / |causal| (0 when causal routes nothing) and
+        causal_recall_i = |causal & top-k| / |top-k|. Agreement over all tokens would flatter a
+        router that never routes (1 - C), so it is not reported."""
         metrics = {}
         with self.routing("topk"):
             metrics["loss_topk"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():
-                agree = block.causal_choice == block.routed_mask
-                metrics[f"causal_acc_{i}"] = agree.float().mean().item()
+                both = (block.causal_choice & block.routed_mask).sum().item()
+                metrics[f"causal_precision_{i}"] = both / max(1, block.causal_choice.sum().item())
+                metrics[f"causal_recall_{i}"] = both / block.routed_mask.sum().item()
         with self.routing("causal"):
             metrics["loss"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():

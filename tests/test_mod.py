@@ -260,8 +260,46 @@ def test_evaluate_reports_causal_loss_as_the_val_loss_and_routing_metrics():
     with model.routing("topk"):
         topk_loss = model(idx, idx)[1].item()
     assert metrics["loss"] == pytest.approx(causal_loss) and metrics["loss_topk"] == pytest.approx(topk_loss)
-    assert set(metrics) == {"loss", "loss_topk", "routed_frac_1", "routed_frac_3", "causal_acc_1", "causal_acc_3"}
-    assert 0 < metrics["routed_frac_1"] < 1 and 0 <= metrics["causal_acc_1"] <= 1
+    assert set(metrics) == {"loss", "loss_topk"} | {f"{name}_{i}" for i in (1, 3) for name in
+                                                     ("routed_frac", "causal_precision", "causal_recall")}
+    assert 0 < metrics["routed_frac_1"] < 1
+
+
+def test_causal_precision_and_recall_score_causal_routing_against_topk_membership():
+    model = decisive_routers(tiny_mod())
+    idx = torch.randint(CONFIG["vocab_size"], (2, 32))
+    metrics = model.evaluate(idx, idx)
+    with model.routing("topk"):  # both choices on the same (top-k mode) hidden states
+        model(idx, idx)
+    for i, block in model.routed_blocks().items():
+        causal, topk = block.causal_choice, block.routed_mask
+        assert 0 < (causal & topk).sum() < causal.sum()  # the case where the two scores differ
+        assert metrics[f"causal_precision_{i}"] == pytest.approx(((causal & topk).sum() / causal.sum()).item())
+        assert metrics[f"causal_recall_{i}"] == pytest.approx(((causal & topk).sum() / topk.sum()).item())
+
+
+def test_a_router_that_never_routes_scores_zero_recall_not_high_agreement():
+    model = decisive_routers(tiny_mod(), bias=-1e4)  # causal routing sends no token through
+    metrics = model.evaluate(*(2 * [torch.randint(CONFIG["vocab_size"], (2, 32))]))
+    for i in model.routed_blocks():  # agreement over all tokens would read 1 - C = 0.875
+        assert metrics[f"routed_frac_{i}"] == 0
+        assert metrics[f"causal_recall_{i}"] == 0 and metrics[f"causal_precision_{i}"] == 0
+
+
+def test_the_router_bias_moves_causal_decisions_but_never_the_topk_choice():
+    model = decisive_routers(tiny_mod(), bias=0.0)
+    idx = torch.randint(CONFIG["vocab_size"], (2, 32))
+    choices = []
+    for bias in (0.0, 3.0):
+        with torch.no_grad():
+            for block in model.routed_blocks().values():
+                block.router.bias.fill_(bias)
+        with model.routing("topk"):
+            model(idx)
+        block = model.routed_blocks()[1]
+        choices.append((block.routed_mask.clone(), block.causal_choice.clone()))
+    assert torch.equal(choices[0][0], choices[1][0])  # top-k: the same tokens
+    assert choices[1][1].sum() > choices[0][1].sum()  # causal: more tokens over the threshold
 
 
 def test_routed_blocks_count_c_of_their_matmuls_and_c_squared_of_attention():
@@ -281,6 +319,11 @@ def test_gpt2_small_at_1024_tokens_has_a_flop_ceiling_near_one_and_a_half():
 
 
 # --- settings --------------------------------------------------------------------------------
+
+def test_the_fused_kernels_are_opt_in():
+    assert MoDConfig().kernels == "torch"
+    assert tiny_mod().routed_blocks()[1].kernels == "torch"
+
 
 @pytest.mark.parametrize("settings, flag", [
     (dict(capacity=0.0), "--capacity"),
