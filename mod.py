@@ -245,16 +245,32 @@ class MoDGPT(GPT):
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the blocks each token went through in causal mode. Decisions are
-        per token, so a full forward tells what decoding used; text longer than the context is
-        read in block_size windows."""
-        depths = []
+        """(B, T) fraction of the blocks each token went through when decoding ran it: the
+        forwards of cached generate() replayed on idx (prefill the prompt's last window, then one
+        position per token, a fresh window once the context is full), so every decision is the
+        one sampling made. Past the first window a token's decision depends on which window it
+        was run in, so one full forward per window would not tell. NaN where a token was never
+        run (the last one, and prompt tokens left of the first window)."""
+        B, T = idx.shape
+        depth = torch.full((B, T), float("nan"))
+        cache, seen = None, 0
         with self.routing("causal"):
-            for start in range(0, idx.size(1), self.config.block_size):
-                self(idx[:, start:start + self.config.block_size])
+            for n in range(prompt_len, T):  # the forward that chose token n
+                if seen >= self.config.block_size:
+                    cache, seen = None, 0  # what generate() does when the window is full
+                if cache is None:
+                    start = max(0, n - self.config.block_size)
+                    cache = self.new_cache()
+                    self(idx[:, start:n], cache=cache)
+                    seen = n - start
+                else:
+                    start = n - 1
+                    self(idx[:, start:n], cache=cache, pos_offset=seen)
+                    seen += 1
                 skipped = sum((~b.routed_mask).float() for b in self.routed_blocks().values())
-                depths.append(1 - skipped.cpu() / self.config.n_layer)
-        return torch.cat(depths, dim=1)
+                ran = 1 - skipped.cpu() / self.config.n_layer  # (B, n - start)
+                depth[:, start:n] = torch.where(depth[:, start:n].isnan(), ran, depth[:, start:n])
+        return depth
 
     # --- cost ----------------------------------------------------------------------------
 

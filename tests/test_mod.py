@@ -231,16 +231,27 @@ def test_unrouted_decode_tokens_skip_the_block_write_nothing_and_never_give_nan(
     assert all(cache[i].nbytes() == 0 for i in model.routed_blocks())
 
 
-def test_depth_per_token_counts_the_blocks_causal_routing_sent_each_token_through():
-    model = decisive_routers(tiny_mod())
-    idx = torch.randint(CONFIG["vocab_size"], (2, 40))  # longer than the context: two windows
-    depth = model.depth_per_token(idx, prompt_len=4)
-    assert depth.shape == (2, 40) and model.routing_mode == "topk"
-    with model.routing("causal"):
-        model(idx[:, :32])
+def test_depth_per_token_is_the_depth_cached_decoding_used_also_past_the_first_window():
+    model = decisive_routers(tiny_mod(seed=2), bias=-0.5)
+    used = []  # per forward of generate(): the depth of its newest position, or of the whole prompt
+
+    def record(module, args, output):
+        skipped = sum((~b.routed_mask).float() for b in model.routed_blocks().values())
+        used.append(1 - skipped / CONFIG["n_layer"])
+
+    hook = model.register_forward_hook(record)
+    prompt = torch.randint(CONFIG["vocab_size"], (2, 5))
+    idx = model.generate(prompt, 50, temperature=1.0, use_cache=True)  # 55 tokens, a 32-token context
+    hook.remove()
+    expected = torch.cat([used[0]] + [u[:, -1:] for u in used[1:]], dim=1)  # tokens 0 .. 53 as first run
+    depth = model.depth_per_token(idx, prompt_len=5)
+    assert depth.shape == (2, 55) and model.routing_mode == "topk"
+    assert torch.equal(depth[:, :54], expected) and depth[:, 54].isnan().all()  # the last token never ran
+    assert depth[:, :54].min() >= 0.5 and depth[:, :54].min() < 1  # 2 dense blocks always, 2 routed sometimes
+    with model.routing("causal"):  # what a forward per window says differs past the first window
+        model(idx[:, 32:54])
     skipped = sum((~b.routed_mask).float() for b in model.routed_blocks().values())
-    assert torch.equal(depth[:, :32], 1 - skipped / 4)  # 2 dense blocks always, 2 routed ones sometimes
-    assert depth.min() >= 0.5 and depth.min() < 1
+    assert not torch.equal(depth[:, 32:54], 1 - skipped / CONFIG["n_layer"])
 
 
 def test_cached_forward_in_topk_mode_is_refused():
