@@ -13,7 +13,7 @@ intermediates, and the backward adds as many again. Fused, every routed row is r
 written once per pass, and the router-weight gradient dL/dw = sum_d dL/dout * f comes out of
 the same pass as dL/df.
 
-The kernels run where --kernels triton (the default), Triton imports and the tensor is on a
+The kernels run where --kernels triton (opt-in), Triton imports and the tensor is on a
 GPU; everywhere else the reference runs, so the model needs no Triton. Indices must be unique
 within a row (top-k guarantees it): the backward writes routed rows rather than adding to them.
 

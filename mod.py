@@ -11,6 +11,10 @@ f is the block's update without its residual (attention, then MLP), run on the r
 alone, in their original order: a routed token attends only to earlier routed tokens, and a
 token that skips the block leaves no key there. The paper multiplies by the raw score r_i; we
 squash it with a sigmoid so the scale stays bounded (the auxiliary loss reads sigmoid(r) too).
+The paper's router is w . x_i with no bias; ours keeps the bias b of nn.Linear. b is the same
+for every token, so it never changes which tokens top-k picks; it shifts sigmoid(r), the update's
+scale and the causal 0.5 threshold, which lets the BCE fit the base rate C (a logit near
+log(C / (1 - C)) = -1.95 at C = 0.125) without bending w towards it.
 
 Top-k over the sequence peeks at the future, so sampling decides token by token instead
 (routing_mode "causal"): route iff sigmoid(r_i) > 0.5, with the router trained towards the
@@ -38,7 +42,8 @@ class MoDConfig:
     causal_method: str = "aux_loss"  # aux_loss | predictor: what decides routing token by token
     aux_loss_coef: float = 0.1  # weight of BCE(sigmoid(r), top-k membership) on the router
     predictor_coef: float = 1.0  # weight of the predictor's BCE (it cannot reach the LM, so only its speed)
-    kernels: str = "torch"  # torch | triton: opt-in fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
+    # torch by default: the fused kernels have never been timed on a GPU (README: estimate on paper)
+    kernels: str = "torch"  # torch | triton: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
 
     def __post_init__(self):
         if not 0 < self.capacity <= 1:
@@ -79,15 +84,13 @@ class RoutedBlock(nn.Module):
         self.block = block
         self.capacity = vcfg.capacity
         self.kernels = vcfg.kernels
-        # r_i = w . x_i + b: the paper's router has no bias; ours keeps one. It cannot change which
-        # tokens top-k picks (b shifts a whole row), only sigmoid(r) and the causal 0.5 threshold.
-        self.router = nn.Linear(n_embd, 1)
+        self.router = nn.Linear(n_embd, 1)  # r_i = w . x_i + b: the paper has no b (see the docstring)
         self.predictor = None
         if vcfg.causal_method == "predictor":
             hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of the block's weights
             self.predictor = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.routed_mask = None  # (B, T) bool: which tokens of the last forward went through
-        self.causal_choice = None  # (B, T) bool: what causal routing chose, for precision and recall
+        self.causal_choice = None  # (B, T) bool: what causal routing chose, for the accuracy metric
 
     def routing_weights(self):
         """Matmul weights of the router (and predictor): what routing costs every token."""
@@ -216,18 +219,18 @@ class MoDGPT(GPT):
     @torch.no_grad()
     def evaluate(self, idx, targets):
         """'loss' is the causal-mode loss (what sampling gets); 'loss_topk' the training mode's.
-        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it;
-        causal_precision_i, the share of those that top-k also picks; causal_recall_i, the share
-        of top-k's tokens that causal routing picks. (Plain agreement would flatter a router that
-        never routes: it scores 1 - C.)"""
+        Per routed block i: routed_frac_i, the share of tokens causal routing sends through it, and
+        causal routing scored against top-k membership on the same hidden states (top-k mode):
+        causal_precision_i = |causal & top-k| / |causal| (0 when causal routes nothing) and
+        causal_recall_i = |causal & top-k| / |top-k|. Agreement over all tokens would flatter a
+        router that never routes (1 - C), so it is not reported."""
         metrics = {}
         with self.routing("topk"):
             metrics["loss_topk"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():
-                causal, topk = block.causal_choice, block.routed_mask
-                both = (causal & topk).sum().item()
-                metrics[f"causal_precision_{i}"] = both / max(1, causal.sum().item())
-                metrics[f"causal_recall_{i}"] = both / max(1, topk.sum().item())
+                both = (block.causal_choice & block.routed_mask).sum().item()
+                metrics[f"causal_precision_{i}"] = both / max(1, block.causal_choice.sum().item())
+                metrics[f"causal_recall_{i}"] = both / block.routed_mask.sum().item()
         with self.routing("causal"):
             metrics["loss"] = self(idx, targets)[1].item()
             for i, block in self.routed_blocks().items():
@@ -242,16 +245,32 @@ class MoDGPT(GPT):
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the blocks each token went through in causal mode. Decisions are
-        per token, so a full forward tells what decoding used; text longer than the context is
-        read in block_size windows."""
-        depths = []
+        """(B, T) fraction of the blocks each token went through when decoding ran it: the
+        forwards of cached generate() replayed on idx (prefill the prompt's last window, then one
+        position per token, a fresh window once the context is full), so every decision is the
+        one sampling made. Past the first window a token's decision depends on which window it
+        was run in, so one full forward per window would not tell. NaN where a token was never
+        run (the last one, and prompt tokens left of the first window)."""
+        B, T = idx.shape
+        depth = torch.full((B, T), float("nan"))
+        cache, seen = None, 0
         with self.routing("causal"):
-            for start in range(0, idx.size(1), self.config.block_size):
-                self(idx[:, start:start + self.config.block_size])
+            for n in range(prompt_len, T):  # the forward that chose token n
+                if seen >= self.config.block_size:
+                    cache, seen = None, 0  # what generate() does when the window is full
+                if cache is None:
+                    start = max(0, n - self.config.block_size)
+                    cache = self.new_cache()
+                    self(idx[:, start:n], cache=cache)
+                    seen = n - start
+                else:
+                    start = n - 1
+                    self(idx[:, start:n], cache=cache, pos_offset=seen)
+                    seen += 1
                 skipped = sum((~b.routed_mask).float() for b in self.routed_blocks().values())
-                depths.append(1 - skipped.cpu() / self.config.n_layer)
-        return torch.cat(depths, dim=1)
+                ran = 1 - skipped.cpu() / self.config.n_layer  # (B, n - start)
+                depth[:, start:n] = torch.where(depth[:, start:n].isnan(), ran, depth[:, start:n])
+        return depth
 
     # --- cost ----------------------------------------------------------------------------
 

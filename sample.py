@@ -7,6 +7,7 @@ Sample from a trained model (any variant) or from pretrained GPT-2.
     python sample.py --show_depth=True                # shade each token by the depth it used
 """
 
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -83,12 +84,13 @@ BARS = " ▁▂▃▄▅▆▇█"  # without colour: a bar under each character
 
 def shade(pieces, depths, colour):
     """Text with each token coloured by its depth; without a terminal, each line of text is
-    followed by a line of bars, one under each character, as tall as its token's depth."""
+    followed by a line of bars, one under each character, as tall as its token's depth. A token
+    decoding never ran (depth NaN: the last one) keeps the terminal's colour, or gets no bar."""
     if colour:
         out = []
         for piece, d in zip(pieces, depths):
-            level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))]
-            out.append(f"\033[38;5;{level}m{piece}")
+            level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))] if not math.isnan(d) else None
+            out.append(f"\033[0m{piece}" if level is None else f"\033[38;5;{level}m{piece}")
         return "".join(out) + "\033[0m"
     lines, text, bars = [], "", ""
     for piece, d in zip(pieces, depths):
@@ -98,7 +100,7 @@ def shade(pieces, depths, colour):
                 text, bars = "", ""
             else:
                 text += ch
-                bars += BARS[min(len(BARS) - 1, int(d * (len(BARS) - 1) + 0.5))]
+                bars += BARS[min(len(BARS) - 1, int(d * (len(BARS) - 1) + 0.5))] if not math.isnan(d) else " "
     return "\n".join(lines + [text, bars])
 
 
@@ -133,7 +135,7 @@ def main(argv):
             continue
         depths = model.depth_per_token(y, prompt_len=x.size(1))[0].tolist()
         print(shade([decode([t]) for t in tokens], depths, colour))
-        generated = depths[x.size(1):]
+        generated = [d for d in depths[x.size(1):] if not math.isnan(d)]  # NaN: never run
         print(f"mean depth per generated token: {sum(generated) / max(1, len(generated)):.3f} of the network")
         if cache is not None:
             held = min(len(tokens) - 1, model.config.block_size)  # the last token was never run

@@ -231,16 +231,27 @@ def test_unrouted_decode_tokens_skip_the_block_write_nothing_and_never_give_nan(
     assert all(cache[i].nbytes() == 0 for i in model.routed_blocks())
 
 
-def test_depth_per_token_counts_the_blocks_causal_routing_sent_each_token_through():
-    model = decisive_routers(tiny_mod())
-    idx = torch.randint(CONFIG["vocab_size"], (2, 40))  # longer than the context: two windows
-    depth = model.depth_per_token(idx, prompt_len=4)
-    assert depth.shape == (2, 40) and model.routing_mode == "topk"
-    with model.routing("causal"):
-        model(idx[:, :32])
+def test_depth_per_token_is_the_depth_cached_decoding_used_also_past_the_first_window():
+    model = decisive_routers(tiny_mod(seed=2), bias=-0.5)
+    used = []  # per forward of generate(): the depth of its newest position, or of the whole prompt
+
+    def record(module, args, output):
+        skipped = sum((~b.routed_mask).float() for b in model.routed_blocks().values())
+        used.append(1 - skipped / CONFIG["n_layer"])
+
+    hook = model.register_forward_hook(record)
+    prompt = torch.randint(CONFIG["vocab_size"], (2, 5))
+    idx = model.generate(prompt, 50, temperature=1.0, use_cache=True)  # 55 tokens, a 32-token context
+    hook.remove()
+    expected = torch.cat([used[0]] + [u[:, -1:] for u in used[1:]], dim=1)  # tokens 0 .. 53 as first run
+    depth = model.depth_per_token(idx, prompt_len=5)
+    assert depth.shape == (2, 55) and model.routing_mode == "topk"
+    assert torch.equal(depth[:, :54], expected) and depth[:, 54].isnan().all()  # the last token never ran
+    assert depth[:, :54].min() >= 0.5 and depth[:, :54].min() < 1  # 2 dense blocks always, 2 routed sometimes
+    with model.routing("causal"):  # what a forward per window says differs past the first window
+        model(idx[:, 32:54])
     skipped = sum((~b.routed_mask).float() for b in model.routed_blocks().values())
-    assert torch.equal(depth[:, :32], 1 - skipped / 4)  # 2 dense blocks always, 2 routed ones sometimes
-    assert depth.min() >= 0.5 and depth.min() < 1
+    assert not torch.equal(depth[:, 32:54], 1 - skipped / CONFIG["n_layer"])
 
 
 def test_cached_forward_in_topk_mode_is_refused():
@@ -260,33 +271,46 @@ def test_evaluate_reports_causal_loss_as_the_val_loss_and_routing_metrics():
     with model.routing("topk"):
         topk_loss = model(idx, idx)[1].item()
     assert metrics["loss"] == pytest.approx(causal_loss) and metrics["loss_topk"] == pytest.approx(topk_loss)
-    assert set(metrics) == {"loss", "loss_topk", "routed_frac_1", "routed_frac_3", "causal_precision_1",
-                            "causal_precision_3", "causal_recall_1", "causal_recall_3"}
+    assert set(metrics) == {"loss", "loss_topk"} | {f"{name}_{i}" for i in (1, 3) for name in
+                                                     ("routed_frac", "causal_precision", "causal_recall")}
     assert 0 < metrics["routed_frac_1"] < 1
 
 
-def test_causal_precision_and_recall_do_not_flatter_a_router_that_never_routes():
-    """Agreement with top-k would score 1 - C for a router that routes nothing; recall scores 0."""
-    model = tiny_mod(capacity=0.25)
-    for block in model.routed_blocks().values():  # sigmoid(r) < 0.5 everywhere: causal mode routes nothing
-        torch.nn.init.zeros_(block.router.weight)
-        torch.nn.init.constant_(block.router.bias, -5.0)
+def test_causal_precision_and_recall_score_causal_routing_against_topk_membership():
+    model = decisive_routers(tiny_mod())
     idx = torch.randint(CONFIG["vocab_size"], (2, 32))
     metrics = model.evaluate(idx, idx)
-    assert metrics["routed_frac_1"] == 0 and metrics["causal_recall_1"] == 0 and metrics["causal_precision_1"] == 0
+    with model.routing("topk"):  # both choices on the same (top-k mode) hidden states
+        model(idx, idx)
+    for i, block in model.routed_blocks().items():
+        causal, topk = block.causal_choice, block.routed_mask
+        assert 0 < (causal & topk).sum() < causal.sum()  # the case where the two scores differ
+        assert metrics[f"causal_precision_{i}"] == pytest.approx(((causal & topk).sum() / causal.sum()).item())
+        assert metrics[f"causal_recall_{i}"] == pytest.approx(((causal & topk).sum() / topk.sum()).item())
 
 
-def test_causal_precision_and_recall_are_one_when_causal_routing_picks_exactly_the_top_k():
-    model = tiny_mod(capacity=0.25)
-    idx = torch.randint(CONFIG["vocab_size"], (1, 32))
-    with model.routing("topk"):
-        model(idx)
-    # make each routed block's router put +10 on exactly its top-k tokens and -10 elsewhere
-    for block in model.routed_blocks().values():
-        chosen = block.routed_mask[0]
-        block.router.forward = lambda x, chosen=chosen: (chosen.float() * 20 - 10)[None, :x.size(1), None].expand(x.size(0), -1, 1)
-    metrics = model.evaluate(idx, idx)
-    assert metrics["causal_precision_1"] == 1 and metrics["causal_recall_1"] == 1
+def test_a_router_that_never_routes_scores_zero_recall_not_high_agreement():
+    model = decisive_routers(tiny_mod(), bias=-1e4)  # causal routing sends no token through
+    metrics = model.evaluate(*(2 * [torch.randint(CONFIG["vocab_size"], (2, 32))]))
+    for i in model.routed_blocks():  # agreement over all tokens would read 1 - C = 0.875
+        assert metrics[f"routed_frac_{i}"] == 0
+        assert metrics[f"causal_recall_{i}"] == 0 and metrics[f"causal_precision_{i}"] == 0
+
+
+def test_the_router_bias_moves_causal_decisions_but_never_the_topk_choice():
+    model = decisive_routers(tiny_mod(), bias=0.0)
+    idx = torch.randint(CONFIG["vocab_size"], (2, 32))
+    choices = []
+    for bias in (0.0, 3.0):
+        with torch.no_grad():
+            for block in model.routed_blocks().values():
+                block.router.bias.fill_(bias)
+        with model.routing("topk"):
+            model(idx)
+        block = model.routed_blocks()[1]
+        choices.append((block.routed_mask.clone(), block.causal_choice.clone()))
+    assert torch.equal(choices[0][0], choices[1][0])  # top-k: the same tokens
+    assert choices[1][1].sum() > choices[0][1].sum()  # causal: more tokens over the threshold
 
 
 def test_routed_blocks_count_c_of_their_matmuls_and_c_squared_of_attention():
@@ -306,6 +330,11 @@ def test_gpt2_small_at_1024_tokens_has_a_flop_ceiling_near_one_and_a_half():
 
 
 # --- settings --------------------------------------------------------------------------------
+
+def test_the_fused_kernels_are_opt_in():
+    assert MoDConfig().kernels == "torch"
+    assert tiny_mod().routed_blocks()[1].kernels == "torch"
+
 
 @pytest.mark.parametrize("settings, flag", [
     (dict(capacity=0.0), "--capacity"),

@@ -1,8 +1,10 @@
 """sample.py and bench.py run end to end on tiny settings and reject bad input clearly."""
 
 import pytest
+import torch
 
 import bench
+import checkpoint
 import sample
 import train
 from conftest import tiny_flags
@@ -25,6 +27,18 @@ def test_sample_shows_depth_and_cache_size(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean depth per generated token: 1.000" in out and "(1.00x)" in out
     assert "\n" + "█" * 6 + "\n" in out  # not a terminal: a full-height bar under each of the 6 characters
+
+
+def test_sample_shows_the_depth_mod_decoding_used_past_the_first_context_window(dataset, tmp_path, capsys):
+    train.main(tiny_flags(dataset, tmp_path, variant="mod", capacity=0.5, max_iters=2))  # context 16
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path}", "--start=ab", "--num_samples=1", "--max_new_tokens=30",
+                 "--show_depth=True", "--device=cpu"])
+    text, bars = capsys.readouterr().out.splitlines()[:2]
+    model, _ = checkpoint.load_model(str(tmp_path))
+    idx = torch.tensor([[ord(c) - ord("a") for c in text]])  # the dataset's characters are a, b, ...
+    depth = model.eval().depth_per_token(idx, prompt_len=2)[0]
+    assert len(text) == 32 and bars == "".join(sample.BARS[round(d * 8)] for d in depth[:-1].tolist()) + " "
 
 
 @pytest.mark.parametrize("flags, named", [
