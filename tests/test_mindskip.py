@@ -392,6 +392,20 @@ def test_decode_reuses_the_prompt_decisions_and_matches_recomputation_with_them(
 
 
 @pytest.mark.parametrize("skip", SKIPS)
+def test_uncached_generation_decides_sequence_gates_on_the_prompt_as_cached_generation_does(skip):
+    """Recomputing the window each step must not re-decide on the growing text: the same
+    tokens as the cached path, also past block_size where both decide again on the window."""
+    dense = dense_gpt()
+    prompt = tokens(15, 6, 5)
+    model = split_the_gates(mindskip(dense, skip=skip), prompt)
+    cached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=True)  # slides past 16
+    uncached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    redecided = GPT.generate(model, prompt, max_new_tokens=14, temperature=0.0, use_cache=False)
+    assert not torch.equal(redecided, cached)  # deciding on the whole window would differ here
+
+
+@pytest.mark.parametrize("skip", SKIPS)
 def test_token_level_cached_generation_equals_recomputing_the_window(skip):
     dense = dense_gpt()
     prompt = tokens(11, 3, 5)
