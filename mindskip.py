@@ -8,16 +8,23 @@ MindSkip puts a skip gate on the attention sublayer of some layers of a trained 
     x <- x + g * Attn(LN_1(x))
 
 A closed gate (g = 0) means the sublayer is not computed at all and, when generating, writes
-no KV cache. The gate can sit on the MLP (x + g * MLP(LN_2(x))) or the whole block instead
-(--skip attn | mlp | block), and can decide per token instead of per sequence.
+no KV cache. The gate (router.MindSkipGate) can decide per token instead of per sequence.
+The official code gates attention only; gating the MLP (x + g * MLP(LN_2(x))) or the whole
+block (--skip mlp | block) is this project's extension.
 
 Router-tuning freezes every weight of the trained model and trains only the routers w on a
-small dataset (the paper: about 1,000 samples, one epoch) with
+small slice of its pretraining text (the paper tunes on instruction data with the prompt
+masked out; we tune on the same kind of text the base was trained on) with
 
-    loss = LM loss + lambda * relu(mean(g) - target_capacity)
+    loss = LM loss + lambda * (mean(g) - target_capacity)^2          --sparsity target (default)
+    loss = LM loss + lambda * sum over gated layers of mean(g)       --sparsity official
 
-The LM loss alone keeps every gate open; the hinge pushes the open share down to the target.
-Zero-initialised routers give sigmoid(0) = 0.5 >= 0.5, so tuning starts from the dense model.
+The two-sided penalty pulls the share of open gates to the target from either side; the
+official term has no target and only pushes gates shut. While tuning, a closed gate's
+sublayer is still computed (times 0), so the LM loss reaches closed gates straight-through
+and can reopen them; the official code skips closed sequences in training too, so a gate
+it closes hears only the sparsity term. Zero-initialised routers give sigmoid(0) = 0.5 >= 0.5:
+tuning starts from the dense model.
 """
 
 import dataclasses
@@ -27,16 +34,17 @@ import torch
 import torch.nn as nn
 
 from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import capacity_hinge, straight_through_gate
+from router import MindSkipGate, capacity_penalty, gate_sum_sparsity
 
 
 @dataclass
 class MindSkipConfig:
     skip: str = "attn"  # attn | mlp | block: the sublayer each routed layer may skip
-    skip_layers: str = ""  # comma list of 0-based layers to route, e.g. "3,4,5"; "" = upper half minus the last (12 layers: 5-10)
+    skip_layers: str = ""  # comma list of 0-based layers to route, e.g. "2,3,4"; "" = upper half minus the last (12 layers: 5-10)
     router_level: str = "sequence"  # sequence: one gate per sequence from the mean LN output | token: one per token (causal)
-    target_capacity: float = 0.5  # share of routed sublayers the sparsity hinge lets stay open
-    sparsity_coef: float = 10.0  # lambda, the weight of relu(mean gate - target_capacity); the LM loss alone keeps gates open
+    target_capacity: float = 0.5  # share of gated sublayers that should stay open (--sparsity target)
+    sparsity: str = "target"  # target: lambda * (mean g - target)^2 | official: lambda * sum over layers of mean g
+    sparsity_coef: float = 50.0  # lambda (the official code calls it gradient_scale)
     gate_threshold: float = 0.5  # gate opens iff sigmoid(score) >= this; 0 forces open, > 1 forces closed
 
     def __post_init__(self):
@@ -46,6 +54,8 @@ class MindSkipConfig:
             raise ValueError(f"--router_level must be sequence or token, got {self.router_level!r}")
         if not 0 <= self.target_capacity <= 1:
             raise ValueError(f"--target_capacity must be in [0, 1], got {self.target_capacity}")
+        if self.sparsity not in ("target", "official"):
+            raise ValueError(f"--sparsity must be target or official, got {self.sparsity!r}")
         if not self.sparsity_coef >= 0:
             raise ValueError(f"--sparsity_coef must be >= 0, got {self.sparsity_coef}")
         if not self.gate_threshold >= 0:
@@ -64,13 +74,17 @@ class MindSkipConfig:
 
     def routed_layers(self, n_layer):
         """Layers that get a gate in an n_layer model. Default: n_layer // 2 layers ending just
-        before the last one (the paper routes the upper half and keeps the final layer dense)."""
+        before the last one (as the paper and its code). The last layer is never gated: the
+        official code keeps it dense, and we refuse a list that names it."""
         layers = self.explicit_layers() or list(range(n_layer - 1 - n_layer // 2, n_layer - 1))
         if not layers:
             raise ValueError(f"a {n_layer}-layer model has no default layers to route: pass --skip_layers")
         if layers[-1] >= n_layer:
             raise ValueError(f"--skip_layers {self.skip_layers!r} names layer {layers[-1]}, "
                              f"but the model has layers 0..{n_layer - 1}")
+        if layers[-1] == n_layer - 1:
+            raise ValueError(f"--skip_layers {self.skip_layers!r} gates the last layer ({n_layer - 1}), "
+                             f"which stays dense: choose among layers 0..{n_layer - 2}")
         return layers
 
 
@@ -95,21 +109,20 @@ class MindSkipGPT(GPT):
     starts_from_dense = True  # router-tuning tunes a trained dense model
     default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples changes it)
 
-    def __init__(self, config, vcfg):
+    def __init__(self, config, settings):
         super().__init__(config)
-        self.vcfg = vcfg
-        self.routed = vcfg.routed_layers(config.n_layer)
-        self.routers = nn.ModuleDict({str(i): nn.Linear(config.n_embd, 1, bias=False) for i in self.routed})
-        for router in self.routers.values():
-            nn.init.zeros_(router.weight)  # sigmoid(0) = 0.5 opens every gate: starts exactly dense
-        self.loss_weights = {"sparsity": vcfg.sparsity_coef}
+        self.settings = settings
+        self.routed = settings.routed_layers(config.n_layer)
+        self.routers = nn.ModuleDict({str(i): MindSkipGate(config.n_embd, settings.router_level,
+                                                           settings.gate_threshold) for i in self.routed})
+        self.loss_weights = {"sparsity": settings.sparsity_coef}
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
         self.last_open = None
 
     @classmethod
-    def from_dense(cls, dense, vcfg):
+    def from_dense(cls, dense, settings):
         """Copy a trained GPT's weights, add zero routers, and freeze everything but the routers."""
-        model = cls(dataclasses.replace(dense.config), vcfg)
+        model = cls(dataclasses.replace(dense.config), settings)
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("routers.") for k in missing), (missing, unexpected)
         for name, p in model.named_parameters():
@@ -120,86 +133,102 @@ class MindSkipGPT(GPT):
         """Only the routers: the backbone lives in the base checkpoint."""
         return {k: v for k, v in self.state_dict().items() if k.startswith("routers.")}
 
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the routers with no weight decay, whatever --weight_decay says: decay pulls
+        every score towards 0, where sigmoid(0) = 0.5 opens the gate (the official recipe uses 0)."""
+        return torch.optim.AdamW(self.routers.parameters(), lr=learning_rate, betas=betas, weight_decay=0.0)
+
     def new_cache(self, decisions=None):
         return MindSkipCache(decisions)
 
     # --- forward -------------------------------------------------------------------------
 
     def forward_trunk(self, x, cache=None):
-        gates = []
+        """model.train() is the tuning forward: every gated sublayer is computed and multiplied by
+        its gate, so a closed gate still gets the LM loss's straight-through gradient.
+        model.eval() skips what closed gates close, and with a cache writes no KV for it."""
+        if self.training and cache is not None:
+            raise ValueError("generating with a cache needs model.eval(): tuning computes closed sublayers too")
+        skip, gates = self.settings.skip, []
         for i, block in enumerate(self.transformer.h):
             if i not in self.routed:
-                x = block(x, None if cache is None else cache.kv.setdefault(i, KVCache()))
+                x = block(x, self.layer_cache(cache, i))
                 continue
-            if self.vcfg.skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
-                x = x + block.attn_update(x, None if cache is None else cache.kv.setdefault(i, KVCache()))
-            norm = block.ln_2 if self.vcfg.skip == "mlp" else block.ln_1  # the router reads the gated sublayer's input
-            writes_kv = self.vcfg.skip != "mlp"
-            if self.vcfg.router_level == "sequence":
-                gate = self.sequence_gate(i, norm, x, cache)
-                x = self.apply_sequence_gate(i, block, x, gate, cache if writes_kv else None)
+            if skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
+                x = x + block.attn_update(x, self.layer_cache(cache, i))
+            gate = self.gate(i, block, x, cache)
+            if self.training:
+                x = self.gated_sublayer(block, x, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
+            elif self.settings.router_level == "sequence":
+                x = self.skip_closed_rows(i, block, x, gate, cache)
             else:
-                gate = straight_through_gate(self.routers[str(i)](norm(x)).squeeze(-1), self.vcfg.gate_threshold)
-                x = self.apply_token_gate(i, block, x, gate, cache if writes_kv else None)
-            if self.vcfg.skip == "attn":
+                x = self.skip_closed_tokens(i, block, x, gate, cache)
+            if skip == "attn":
                 x = x + block.mlp_update(x)
             gates.append(gate)
         self.last_open = [g.detach() > 0 for g in gates]  # per gated layer: (B,) or (B, T); for depth_per_token
-        gates = torch.cat([g.flatten() for g in gates])
-        self.last_capacity = gates.detach().mean()
-        return x, {"sparsity": capacity_hinge(gates, self.vcfg.target_capacity)}
+        every_gate = torch.cat([g.flatten() for g in gates])
+        self.last_capacity = every_gate.detach().mean()
+        if self.settings.sparsity == "official":
+            return x, {"sparsity": gate_sum_sparsity(gates)}
+        return x, {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
+
+    def layer_cache(self, cache, i):
+        """Layer i's KVCache when every row writes to it (ungated attention)."""
+        return None if cache is None else cache.kv.setdefault(i, KVCache())
+
+    def gate(self, i, block, x, cache):
+        """Layer i's gate: (B,) or (B, T) in {0, 1}; a sequence gate is replayed from the cache
+        once the prompt has decided it."""
+        if cache is not None and i in cache.decisions:
+            return cache.decisions[i].float()  # decided on the prompt; decode steps reuse it
+        norm = block.ln_2 if self.settings.skip == "mlp" else block.ln_1  # the gated sublayer's input
+        # at training and evaluation a sequence gate sees the full sequence (as in the paper);
+        # when generating, it sees the prompt only
+        gate = self.routers[str(i)](norm(x))
+        if cache is not None and self.settings.router_level == "sequence":
+            cache.decisions[i] = gate.detach() > 0
+        return gate
 
     def gated_sublayer(self, block, x, g, kv):
         """x + g * f(x) for the sublayer --skip names; g broadcasts over x's rows and tokens."""
-        if self.vcfg.skip == "attn":
+        if self.settings.skip == "attn":
             return x + g * block.attn_update(x, kv)
-        if self.vcfg.skip == "mlp":
+        if self.settings.skip == "mlp":
             return x + g * block.mlp_update(x)
         # block: one g on both sublayers. For g in {0, 1} this is x + g * (Block(x) - x), and
         # with g = 1 it gives the dense block's bits exactly (x + (Block(x) - x) would not)
         x = x + g * block.attn_update(x, kv)
         return x + g * block.mlp_update(x)
 
-    def sequence_gate(self, i, norm, x, cache):
-        """(B,) gate of layer i: decided from the mean LN output, or replayed from the cache."""
-        if cache is not None and i in cache.decisions:
-            return cache.decisions[i].to(x.dtype)  # decided on the prompt; decode steps reuse it
-        # the mean covers the whole input: at training and evaluation the decision sees the full
-        # sequence (as in the paper); when generating, it sees the prompt only
-        score = self.routers[str(i)](norm(x).mean(dim=1)).squeeze(-1)
-        gate = straight_through_gate(score, self.vcfg.gate_threshold)
-        if cache is not None:
-            cache.decisions[i] = gate.detach() > 0
-        return gate
-
-    def apply_sequence_gate(self, i, block, x, gate, cache):
-        """Gate each row. Closed rows are not computed, except when a backward pass may follow:
-        the straight-through gradient of a closed gate needs f(x) (0 * f(x) adds nothing)."""
-        open_rows = gate.detach() > 0
-        if (torch.is_grad_enabled() and cache is None) or open_rows.all():
-            kv = None if cache is None else cache.kv.setdefault(i, KVCache())
-            return self.gated_sublayer(block, x, gate[:, None, None], kv)
+    def skip_closed_rows(self, i, block, x, gate, cache):
+        """Sequence gates at inference: when every row agrees the sublayer runs on the whole
+        batch or not at all; otherwise only the open rows are selected and computed."""
+        open_rows = gate > 0  # (B,)
+        kv_layer = cache is not None and self.settings.skip != "mlp"
         if not open_rows.any():
-            return x  # the sublayer does no work and leaves no cache
-        rows = open_rows.nonzero().squeeze(1)
+            return x  # no work and no cache
+        kv = self.layer_cache(cache, i) if kv_layer else None
+        if open_rows.all():
+            return self.gated_sublayer(block, x, 1.0, kv)
         # decisions are fixed for a whole generation, so this cache always holds the same rows
-        kv = None if cache is None else cache.kv.setdefault(i, KVCache())
-        return x.index_copy(0, rows, self.gated_sublayer(block, x[rows], gate[rows, None, None], kv))
+        rows = open_rows.nonzero().squeeze(1)
+        return x.index_copy(0, rows, self.gated_sublayer(block, x.index_select(0, rows), 1.0, kv))
 
-    def apply_token_gate(self, i, block, x, gate, cache):
-        """Gate each token. Open tokens are gathered, each row on its own (rows open different
-        numbers of tokens), so a closed token is neither a query nor a key in this layer; it
-        gets no LM gradient, only the hinge's."""
-        open_tokens = gate.detach() > 0  # (B, T)
-        if cache is None and open_tokens.all():
-            return self.gated_sublayer(block, x, gate[..., None], None)
+    def skip_closed_tokens(self, i, block, x, gate, cache):
+        """Token gates at inference. Open tokens are gathered, each row on its own (rows open
+        different numbers of tokens), so a closed token is neither a query nor a key here."""
+        open_tokens = gate > 0  # (B, T)
+        kv_layer = cache is not None and self.settings.skip != "mlp"
+        if not kv_layer and open_tokens.all():
+            return self.gated_sublayer(block, x, 1.0, None)
         x = x.clone()
         for b in range(x.size(0)):
             idx = open_tokens[b].nonzero().squeeze(1)  # ascending: keeps causal order
             if idx.numel() == 0:
                 continue
-            kv = None if cache is None else cache.kv.setdefault(i, {}).setdefault(b, KVCache())
-            x[b, idx] = self.gated_sublayer(block, x[b, idx][None], gate[b, idx, None], kv)[0]
+            kv = cache.kv.setdefault(i, {}).setdefault(b, KVCache()) if kv_layer else None
+            x[b, idx] = self.gated_sublayer(block, x[b, idx][None], 1.0, kv)[0]
         return x
 
     @torch.no_grad()
@@ -209,14 +238,35 @@ class MindSkipGPT(GPT):
         _, loss, _ = self(idx, targets)
         return {"loss": loss.item(), "capacity": self.last_capacity.item()}
 
+    # --- generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cache=None):
+        """As GPT.generate. Without a cache, sequence gates still decide as cached generation
+        does: on the prompt, and again on the window wherever the cached path starts a fresh
+        cache (once the text fills block_size); each step recomputes the window with them."""
+        if use_cache or self.settings.router_level == "token":  # token gates are causal already
+            return super().generate(idx, max_new_tokens, temperature, top_k, use_cache, cache)
+        decisions, seen = None, 0  # seen: the tokens the cached path's cache would hold
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            decide = decisions is None or seen >= self.config.block_size
+            seen = window.size(1) if decide else seen + 1
+            # one step of GPT.generate on a throwaway cache: it runs the whole window once
+            step_cache = self.new_cache(None if decide else decisions)
+            step = super().generate(window, 1, temperature, top_k, use_cache=True, cache=step_cache)
+            decisions = step_cache.decisions
+            idx = torch.cat((idx, step[:, -1:]), dim=1)
+        return idx
+
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
         """(B, T) share of the sublayers (attention and MLP of every layer) each token went
         through: sequence gates as generation decides them, on the prompt; token gates token by
         token (read in block_size windows)."""
-        skipped_per_gate = 2 if self.vcfg.skip == "block" else 1
+        skipped_per_gate = 2 if self.settings.skip == "block" else 1
         n_sublayers = 2 * self.config.n_layer
-        if self.vcfg.router_level == "sequence":
+        if self.settings.router_level == "sequence":
             cache = self.new_cache()
             self(idx[:, :prompt_len][:, -self.config.block_size:], cache=cache)
             closed = sum((~d).float() for d in cache.decisions.values())  # (B,)
@@ -230,18 +280,34 @@ class MindSkipGPT(GPT):
 
     # --- cost ----------------------------------------------------------------------------
 
-    def flops_per_token(self, seq_len=None, capacity=None):
-        """Training FLOPs/token (DESIGN.md convention) when `capacity` of the routed sublayers
-        are open (default: the target capacity, not a measurement). A skipped sublayer costs
-        nothing; at token level an open token attends over only capacity * T keys."""
-        T = seq_len or self.config.block_size
-        c = self.vcfg.target_capacity if capacity is None else capacity
+    def gated_costs(self, T):
+        """(matmul weights, attention FLOPs per token over T keys) of one gated sublayer."""
         d = self.config.n_embd
         attn_weights = 4 * d * d  # c_attn 3d^2 + c_proj d^2
         weights = {"attn": attn_weights, "mlp": block_matmul_params(d) - attn_weights, "block": block_matmul_params(d)}
-        gated_weights = weights[self.vcfg.skip]
-        gated_attention = 0 if self.vcfg.skip == "mlp" else attention_flops(d, T)
-        key_share = c if self.vcfg.router_level == "token" else 1.0
-        full = 6 * gated_weights + gated_attention
-        used = c * (6 * gated_weights + key_share * gated_attention) + 6 * d  # + the router
-        return super().flops_per_token(T) - len(self.routed) * (full - used)
+        return weights[self.settings.skip], (0 if self.settings.skip == "mlp" else attention_flops(d, T))
+
+    def flops_per_token(self, seq_len=None):
+        """FLOPs per token of a router-tuning step: the FLOP convention (6 x matmul weights +
+        12 d T per attended layer) for a frozen backbone. Frozen weights need no gradient, so a
+        matmul costs 4 x its weights (forward + its input's gradient); attention keeps 12 d T
+        (its backward has no weights). Sublayers up to the first gate need no backward at all
+        (2 x weights + 4 d T). Tuning computes every gated sublayer whatever its gate says, so
+        this does not depend on the capacity; a router costs 6 x its d weights."""
+        T = seq_len or self.config.block_size
+        d, V = self.config.n_embd, self.config.vocab_size
+        sublayers = [(4 * d * d, attention_flops(d, T)), (8 * d * d, 0)] * self.config.n_layer  # attn, mlp, ...
+        first_gate = 2 * min(self.routed) + (self.settings.skip == "mlp")  # gradients start after it
+        total = sum(2 * w + a / 3 if s <= first_gate else 4 * w + a for s, (w, a) in enumerate(sublayers))
+        return total + 4 * d * V + 6 * d * len(self.routed)
+
+    def inference_flops_per_token(self, seq_len=None, capacity=None):
+        """Forward FLOPs per token (a third of the training convention) when `capacity` of the
+        gated sublayers are open (default: the target capacity, not a measurement). A skipped
+        sublayer costs nothing; at token level an open token attends over capacity * T keys."""
+        T = seq_len or self.config.block_size
+        c = self.settings.target_capacity if capacity is None else capacity
+        weights, attention = self.gated_costs(T)
+        key_share = c if self.settings.router_level == "token" else 1.0
+        saved = (1 - c) * 6 * weights + (attention - c * key_share * attention)
+        return (GPT.flops_per_token(self, T) - len(self.routed) * saved + 6 * self.config.n_embd * len(self.routed)) / 3

@@ -6,6 +6,7 @@ decide where to call them.
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -61,10 +62,44 @@ def straight_through_gate(logits, threshold=0.5):
     return hard + (soft - soft.detach())  # exactly `hard` forward; (hard + soft) - soft can be off by an ulp
 
 
-def capacity_hinge(gates, target_capacity):
-    """Sparsity term relu(mean(g) - target) (lambda is its loss weight): zero once at most `target_capacity`
-    of the gated sublayers stay open, so the LM loss alone decides below the target."""
-    return F.relu(gates.mean() - target_capacity)
+class MindSkipGate(nn.Module):
+    """MindSkip's gate (Router-Tuning, He et al. 2024), one per gated layer:
+
+        s = w . mean_t h_t       sequence level: one gate per sequence (the paper)
+        s_t = w . h_t            token level: one gate per token (causal)
+        g = 1[sigmoid(s) >= threshold]   forward;  dg/ds = sigmoid'(s) backward (straight-through)
+
+    h is the LayerNorm output the gated sublayer reads. w has no bias and starts at zero, so
+    sigmoid(0) = 0.5 opens every gate: tuning starts from the dense model. The weight keeps
+    nn.Linear(d, 1)'s shape and name, so router checkpoints stay loadable."""
+
+    def __init__(self, n_embd, level="sequence", threshold=0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, n_embd))
+        self.level, self.threshold = level, threshold
+
+    def forward(self, h):
+        """h: (B, T, C) -> g: (B,) at sequence level, (B, T) at token level, float32."""
+        if self.level == "sequence":
+            h = h.mean(dim=1)
+        # scored and compared in float32: under bfloat16, sigmoid of a score in about
+        # (-0.004, 0) rounds up to 0.5 and would open a gate that float32 keeps closed
+        with torch.autocast(h.device.type, enabled=False):
+            score = F.linear(h.float(), self.weight.float()).squeeze(-1)
+        return straight_through_gate(score, self.threshold)
+
+
+def capacity_penalty(gates, target_capacity):
+    """MindSkip's sparsity term (this project's): (mean(g) - target)^2 over every gate of the
+    batch. Two-sided, so the open share is pulled to the target from above and from below;
+    mean(g) is the hard share forward and gets sigmoid's gradient backward."""
+    return (gates.mean() - target_capacity) ** 2
+
+
+def gate_sum_sparsity(gates_per_layer):
+    """The official code's sparsity term: sum over gated layers of the mean gate (weighted by
+    its gradient_scale). It has no target: it pushes every gate shut, the LM loss holds them open."""
+    return sum(g.mean() for g in gates_per_layer)
 
 
 def switch_balance_loss(router_probs, chosen, n_choices):

@@ -5,6 +5,8 @@ hinge is the formula, and generation decides on the prompt, reuses that decision
 cache for skipped layers and forgets it with the next prompt. Tiny configs, fixed seeds.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,12 +84,12 @@ def hand_forward_without_gated_sublayers(dense, idx, skip):
     return dense.lm_head(dense.transformer.ln_f(x))
 
 
-def record_router_scores(model):
-    """Forward hooks that append each router's output, keyed by layer."""
-    scores = {i: [] for i in model.routed}
+def record_gates(model):
+    """Forward hooks that append each router's decisions (True = open), keyed by layer."""
+    opened = {i: [] for i in model.routed}
     for i in model.routed:
-        model.routers[str(i)].register_forward_hook(lambda m, inp, out, i=i: scores[i].append(out.squeeze(-1)))
-    return scores
+        model.routers[str(i)].register_forward_hook(lambda m, inp, out, i=i: opened[i].append(out.detach() > 0))
+    return opened
 
 
 # --- starting point and extremes -------------------------------------------------------------
@@ -130,9 +132,9 @@ def test_some_gates_closed_change_the_output_and_the_realised_capacity_counts_th
     dense = dense_gpt()
     idx = tokens(4, 8, 16)
     model = split_the_gates(mindskip(dense), idx)
-    scores = record_router_scores(model)
+    opened_at = record_gates(model)
     metrics = model.evaluate(idx, idx)
-    opened = torch.cat([torch.sigmoid(scores[i][0]) >= 0.5 for i in ROUTED])
+    opened = torch.cat([opened_at[i][0] for i in ROUTED])
     assert 0 < opened.float().mean() < 1  # a mix, so the numbers below mean something
     assert metrics["capacity"] == pytest.approx(opened.float().mean().item())
     assert not torch.equal(all_logits(model, idx), all_logits(dense, idx))
@@ -140,12 +142,18 @@ def test_some_gates_closed_change_the_output_and_the_realised_capacity_counts_th
 
 # --- router-tuning -----------------------------------------------------------------------------
 
-def tune(model, steps=5, seed=5):
-    """A few steps of router-tuning as train.py does them: LM loss + lambda * hinge."""
+TUNE_STEPS = 60
+
+
+def tune(model, steps=5, seed=5, batch=4, learning_rate=1e-2):
+    """Steps of router-tuning as train.py does them: LM loss + lambda * sparsity term, AdamW
+    (the model's own optimizer: no weight decay), learning rate decayed on a cosine to 0."""
     model.train()
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=learning_rate, betas=(0.9, 0.99), device_type="cpu")
     for step in range(steps):
-        idx = tokens(seed + step, 4, 17)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = tokens(seed + step, batch, 17)
         _, lm_loss, aux = model(idx[:, :-1], idx[:, 1:].contiguous())
         loss = lm_loss + sum(model.loss_weights[k] * v for k, v in aux.items())
         loss.backward()
@@ -171,10 +179,12 @@ def test_tuning_leaves_every_backbone_tensor_unchanged_and_without_grad(skip, le
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.5], ids=["open", "closed"])
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("skip", SKIPS)
-def test_lm_loss_alone_reaches_open_and_closed_sequence_gates_straight_through(skip, threshold):
-    """A closed gate must hear from the LM loss too, or it could never reopen."""
-    model = mindskip(dense_gpt(), skip=skip, gate_threshold=threshold).train()
+def test_lm_loss_alone_reaches_open_and_closed_gates_straight_through(skip, level, threshold):
+    """A closed gate (a sequence's or a token's) must hear from the LM loss too, or with no
+    sparsity term it could never reopen: tuning computes closed sublayers, times 0."""
+    model = mindskip(dense_gpt(), skip=skip, router_level=level, gate_threshold=threshold).train()
     idx = tokens(13, 4, 17)
     _, lm_loss, _ = model(idx[:, :-1], idx[:, 1:].contiguous())
     lm_loss.backward()
@@ -187,49 +197,129 @@ def test_checkpoint_holds_only_the_router_weights_and_base_plus_routers_rebuild_
     model = tune(mindskip(dense, sparsity_coef=5.0))
     state = model.checkpoint_state_dict()
     assert set(state) == {f"routers.{i}.weight" for i in ROUTED}
-    rebuilt = MindSkipGPT.from_dense(dense_gpt(), model.vcfg).eval()
+    rebuilt = MindSkipGPT.from_dense(dense_gpt(), model.settings).eval()
     _, unexpected = rebuilt.load_state_dict(state, strict=False)
     assert not unexpected
     idx = tokens(6, 3, 16)
     assert torch.equal(all_logits(rebuilt, idx), all_logits(model, idx))
 
 
-def test_capacity_hinge_is_relu_of_mean_gate_minus_target_weighted_by_sparsity_coef():
+def router_inputs(model, idx):
+    """The mean feature each router reads on idx, keyed by layer."""
+    seen = {}
+    hooks = [model.routers[str(i)].register_forward_pre_hook(lambda m, inp, i=i: seen.setdefault(i, inp[0]))
+             for i in model.routed]
+    model(idx)
+    for h in hooks:
+        h.remove()
+    return {i: v.reshape(-1, v.size(-1)).mean(dim=0) for i, v in seen.items()}
+
+
+@pytest.mark.parametrize("threshold, target, opens", [(0.5, 0.25, False), (1.5, 0.5, True)],
+                         ids=["above-target-closes", "below-target-opens"])
+def test_two_sided_penalty_is_the_squared_gap_and_pulls_from_either_side(threshold, target, opens):
     dense = dense_gpt()
     idx = tokens(7, 4, 16)
-    model = mindskip(dense, target_capacity=0.25, sparsity_coef=0.7)
+    model = mindskip(dense, target_capacity=target, sparsity_coef=0.7, gate_threshold=threshold)
     assert model.loss_weights == {"sparsity": 0.7}
-    _, _, aux = model(idx, idx)  # zero routers: every gate open, mean gate 1
-    assert aux["sparsity"].item() == pytest.approx(1 - 0.25)
-    aux["sparsity"].backward()  # straight-through: the hinge's gradient closes every gate
-    for router in model.routers.values():
-        router.weight.data -= 10.0 * router.weight.grad
-    _, _, aux = model(idx, idx)
-    assert model.last_capacity.item() == 0.0 and aux["sparsity"].item() == 0.0
+    _, _, aux = model(idx, idx)  # zero routers: every gate open at 0.5, every gate shut at 1.5
+    share = 1.0 if threshold == 0.5 else 0.0
+    assert aux["sparsity"].item() == pytest.approx((share - target) ** 2)
+    aux["sparsity"].backward()
+    features = router_inputs(model, idx)
+    for i in ROUTED:  # a gradient-descent step moves every score up (opens) or down (closes)
+        step = -model.routers[str(i)].weight.grad[0]
+        assert ((step @ features[i]) > 0) == opens
 
+
+def test_penalty_counts_the_open_share_of_a_mixed_batch():
+    dense = dense_gpt()
+    idx = tokens(7, 4, 16)
     for target in (0.25, 0.5, 0.75):
         mixed = split_the_gates(mindskip(dense, target_capacity=target), idx)
-        scores = record_router_scores(mixed)
+        opened_at = record_gates(mixed)
         _, _, aux = mixed(idx, idx)
-        mean_gate = torch.cat([(torch.sigmoid(scores[i][0]) >= 0.5).float() for i in ROUTED]).mean().item()
+        mean_gate = torch.cat([opened_at[i][0] for i in ROUTED]).float().mean().item()
         assert 0 < mean_gate < 1
-        assert aux["sparsity"].item() == pytest.approx(max(0.0, mean_gate - target))
+        assert aux["sparsity"].item() == pytest.approx((mean_gate - target) ** 2)
 
 
-def test_flops_per_token_drops_the_skipped_share_of_the_gated_sublayers():
+def test_the_official_sparsity_term_is_the_sum_over_layers_of_the_mean_gate():
+    dense = dense_gpt()
+    idx = tokens(7, 8, 16)
+    model = split_the_gates(mindskip(dense, sparsity="official", sparsity_coef=0.3), idx)
+    opened_at = record_gates(model)
+    _, _, aux = model(idx, idx)
+    expected = sum(opened_at[i][0].float().mean().item() for i in ROUTED)
+    assert aux["sparsity"].item() == pytest.approx(expected) and model.loss_weights == {"sparsity": 0.3}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_tuning_reaches_the_target_capacity_on_held_out_sequences(target, level):
+    """--target_capacity is the share of gates that end open, within 0.05, not only a ceiling."""
+    model = mindskip(dense_gpt(), target_capacity=target, router_level=level)
+    tune(model, steps=60, batch=16, learning_rate=3e-3)
+    held_out = tokens(999, 256, 16)
+    assert model.evaluate(held_out, held_out)["capacity"] == pytest.approx(target, abs=0.05)
+
+
+def test_flops_per_token_of_a_tuning_step_counts_no_weight_gradients():
+    """Frozen matmuls cost 4 x their weights (no weight gradient), sublayers up to the first
+    gate 2 x (no backward), attention 12 d T once gradients flow; routers 6 x d."""
+    dense = dense_gpt()
+    d, T, V, L = TINY["n_embd"], TINY["block_size"], TINY["vocab_size"], TINY["n_layer"]
+    attn, mlp, att = 4 * d * d, 8 * d * d, 12 * d * T
+    routers = 6 * d * len(ROUTED)
+    forward_only_attn, forward_only_mlp = 2 * attn + att // 3, 2 * mlp
+    with_grad_attn, with_grad_mlp = 4 * attn + att, 4 * mlp
+    head = 4 * d * V
+    # first gate on layer 1: layer 0 forward only, then layer 1's attention (attn, block) or its attention and MLP (mlp)
+    assert mindskip(dense, skip="attn").flops_per_token() == (
+        2 * (forward_only_attn) + forward_only_mlp + (L - 1) * with_grad_mlp + (L - 2) * with_grad_attn + head + routers)
+    assert mindskip(dense, skip="block").flops_per_token() == mindskip(dense, skip="attn").flops_per_token()
+    assert mindskip(dense, skip="mlp").flops_per_token() == (
+        2 * (forward_only_attn + forward_only_mlp) + (L - 2) * (with_grad_attn + with_grad_mlp) + head + routers)
+    assert mindskip(dense).flops_per_token() < dense.flops_per_token()
+
+
+def test_inference_flops_drop_the_skipped_share_of_the_gated_sublayers():
     dense = dense_gpt()
     d, T = TINY["n_embd"], TINY["block_size"]
     router = 6 * d * len(ROUTED)
+    forward = dense.flops_per_token() / 3
     for skip, saved in (("attn", 6 * 4 * d * d + attention_flops(d, T)), ("mlp", 6 * 8 * d * d),
                         ("block", 6 * 12 * d * d + attention_flops(d, T))):
         model = mindskip(dense, skip=skip)
-        assert model.flops_per_token(capacity=1.0) == dense.flops_per_token() + router
-        assert model.flops_per_token(capacity=0.0) == dense.flops_per_token() + router - len(ROUTED) * saved
-        assert model.flops_per_token() == model.flops_per_token(capacity=0.5)  # default: the target
+        assert model.inference_flops_per_token(capacity=1.0) == pytest.approx(forward + router / 3)
+        assert model.inference_flops_per_token(capacity=0.0) == pytest.approx(forward + (router - len(ROUTED) * saved) / 3)
+        assert model.inference_flops_per_token() == model.inference_flops_per_token(capacity=0.5)  # default: the target
     token = mindskip(dense, router_level="token")  # c*T queries over c*T keys
     attn_term = attention_flops(d, T)
-    assert (token.flops_per_token(capacity=0.5) - token.flops_per_token(capacity=0.0)
-            == len(ROUTED) * 0.5 * (6 * 4 * d * d + 0.5 * attn_term))
+    assert (token.inference_flops_per_token(capacity=0.5) - token.inference_flops_per_token(capacity=0.0)
+            == pytest.approx(len(ROUTED) * 0.5 * (6 * 4 * d * d + 0.5 * attn_term) / 3))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_gates_decide_in_float32_under_bfloat16_autocast(level):
+    """A score in (-0.004, 0): float32 closes the gate, a bfloat16 sigmoid would round to 0.5 and open it."""
+    dense = dense_gpt()
+    idx = tokens(14, 2, 16)
+    model = mindskip(dense, router_level=level)
+    seen = []
+    hook = model.routers[str(ROUTED[0])].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    model(idx)
+    hook.remove()
+    h = seen[0].mean(dim=1) if level == "sequence" else seen[0].reshape(-1, TINY["n_embd"])
+    direction = h.mean(dim=0)
+    with torch.no_grad():  # every score about -0.002 (the features share most of their direction)
+        model.routers[str(ROUTED[0])].weight.copy_(-0.002 * direction / (direction @ direction))
+    opened_at = record_gates(model)
+    model(idx)
+    assert not opened_at[ROUTED[0]][0].any()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    assert torch.equal(opened_at[ROUTED[0]][1], opened_at[ROUTED[0]][0])
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -239,12 +329,12 @@ def test_skipped_layers_write_no_kv_cache_and_open_rows_cache_every_token(skip):
     dense = dense_gpt()
     idx = tokens(8, 8, 12)
     model = split_the_gates(mindskip(dense, skip=skip), idx[:, :9])
-    scores = record_router_scores(model)
+    opened_at = record_gates(model)
     cache = model.new_cache()
     model(idx[:, :9], cache=cache)
     for t in range(9, 12):
         model(idx[:, t:t + 1], cache=cache, pos_offset=t)
-    opened = {i: torch.sigmoid(scores[i][0]) >= 0.5 for i in ROUTED}  # made at prefill
+    opened = {i: opened_at[i][0] for i in ROUTED}  # made at prefill
     assert any(o.any() and not o.all() for o in opened.values())  # some rows skip, some do not
     per_token_row = 2 * TINY["n_embd"] * 4  # key + value, float32
     for i in range(TINY["n_layer"]):
@@ -263,13 +353,13 @@ def test_token_level_skipped_tokens_leave_no_key_in_that_layer(skip):
     dense = dense_gpt()
     idx = tokens(9, 3, 12)
     model = split_the_gates(mindskip(dense, skip=skip, router_level="token"), idx)
-    scores = record_router_scores(model)
+    opened_at = record_gates(model)
     cache = model.new_cache()
     model(idx[:, :7], cache=cache)
     for t in range(7, 12):
         model(idx[:, t:t + 1], cache=cache, pos_offset=t)
     for i in ROUTED:
-        opened = torch.cat([s for s in scores[i]], dim=1) >= 0  # (3, 12): sigmoid >= 0.5
+        opened = torch.cat(opened_at[i], dim=1)  # (3, 12)
         assert 0 < opened.float().mean() < 1
         for b in range(3):
             n_open = int(opened[b].sum())
@@ -283,9 +373,9 @@ def test_decode_reuses_the_prompt_decisions_and_matches_recomputation_with_them(
     dense = dense_gpt()
     prompt = tokens(10, 6, 5)
     model = split_the_gates(mindskip(dense, skip=skip), prompt)
-    scores = record_router_scores(model)
+    opened_at = record_gates(model)
     generated = model.generate(prompt, max_new_tokens=10, temperature=0.0, use_cache=True)
-    assert all(len(s) == 1 for s in scores.values())  # routers ran on the prompt only
+    assert all(len(s) == 1 for s in opened_at.values())  # routers ran on the prompt only
     first = model.new_cache()
     model(prompt, cache=first)
     decisions = first.decisions
@@ -302,13 +392,27 @@ def test_decode_reuses_the_prompt_decisions_and_matches_recomputation_with_them(
 
 
 @pytest.mark.parametrize("skip", SKIPS)
+def test_uncached_generation_decides_sequence_gates_on_the_prompt_as_cached_generation_does(skip):
+    """Recomputing the window each step must not re-decide on the growing text: the same
+    tokens as the cached path, also past block_size where both decide again on the window."""
+    dense = dense_gpt()
+    prompt = tokens(15, 6, 5)
+    model = split_the_gates(mindskip(dense, skip=skip), prompt)
+    cached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=True)  # slides past 16
+    uncached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    redecided = GPT.generate(model, prompt, max_new_tokens=14, temperature=0.0, use_cache=False)
+    assert not torch.equal(redecided, cached)  # deciding on the whole window would differ here
+
+
+@pytest.mark.parametrize("skip", SKIPS)
 def test_token_level_cached_generation_equals_recomputing_the_window(skip):
     dense = dense_gpt()
     prompt = tokens(11, 3, 5)
     model = split_the_gates(mindskip(dense, skip=skip, router_level="token"), prompt)
-    scores = record_router_scores(model)
+    opened_at = record_gates(model)
     cached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=True)  # slides past 16
-    assert all(0.2 < torch.cat(scores[i], dim=1).ge(0).float().mean() < 0.8 for i in ROUTED)
+    assert all(0.2 < torch.cat(opened_at[i], dim=1).float().mean() < 0.8 for i in ROUTED)
     uncached = model.generate(prompt, max_new_tokens=14, temperature=0.0, use_cache=False)
     assert torch.equal(cached, uncached)
 
@@ -355,7 +459,18 @@ def test_a_layer_outside_the_model_is_refused_when_the_model_is_built():
 def test_default_layers_are_the_upper_half_minus_the_last_and_explicit_ones_are_kept():
     assert MindSkipConfig().routed_layers(12) == [5, 6, 7, 8, 9, 10]
     assert MindSkipConfig().routed_layers(4) == ROUTED
-    assert MindSkipConfig(skip_layers=" 3, 0").routed_layers(4) == [0, 3]
+    assert MindSkipConfig(skip_layers=" 2, 0").routed_layers(4) == [0, 2]
+
+
+def test_gating_the_last_layer_is_refused_as_the_official_code_never_gates_it():
+    with pytest.raises(ValueError, match="--skip_layers '1,3' gates the last layer"):
+        MindSkipGPT(GPTConfig(**TINY), MindSkipConfig(skip_layers="1,3"))
+
+
+def test_a_cache_in_training_mode_is_refused():
+    model = mindskip(dense_gpt()).train()
+    with pytest.raises(ValueError, match="model.eval"):
+        model(tokens(1, 1, 4), cache=model.new_cache())
 
 
 # --- train.py ----------------------------------------------------------------------------------
