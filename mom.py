@@ -3,34 +3,41 @@ Mixture-of-Modules (Gong et al. 2024, arXiv 2407.06677).
 
 The layers of a transformer become two pools: attention modules A_1..A_N (ln_1 + attention)
 and FFN modules F_1..F_M (ln_2 + MLP), each pool with one more, parameter-free choice, SKIP.
-Two routers (one per pool) assemble a network per token over H steps. At step h each token
-picks its top-K choices from each pool, with p the router's softmax:
+Two routers (one per pool, router.ModuleRouter) assemble a network per token over H steps. At
+step h each token picks its top-K choices from each pool, with p the router's softmax:
 
     x_j <- x_j + sum_{m in topK(p^A_j), m != SKIP} p^A_jm * A_m(x)_j     attention assembly
     x_j <- x_j + sum_{m in topK(p^F_j), m != SKIP} p^F_jm * F_m(x_j)      FFN assembly
 
 The weights are the softmax probabilities themselves, not renormalised over the top-K (Switch
 style): with K = 1 a renormalised weight would always be 1 and the router would get no gradient
-from the language-model loss.
+from the language-model loss. (The official code renormalises its softmax router's top-K.)
 
-Attention A_m(x)_j: token j's query, key and value come from the module token j chose; one
-causal attention runs over the tokens that did not choose SKIP, and each token's output goes
-through the output projection of its own module. A SKIP token is unchanged and is not a key.
-With K > 1 the choices are ranked: the k-th choices of all tokens form the k-th assembly (its own
-token -> module map and its own attention over its own non-SKIP tokens), and the K assemblies'
-outputs are summed with their weights. (The paper leaves K > 1 attention open; this is our choice.)
+Attention A_m(x)_j, two assemblies (--attn_assembly):
+- per_module (default): token j's query, key and value come from the module token j chose; one
+  causal attention runs over the tokens that did not choose SKIP; each token's output goes through
+  its own module's output projection. A SKIP token is unchanged and is not a key. With K > 1 the
+  k-th choices of all tokens form assembly k (its own attention over its own non-SKIP tokens), so
+  every query meets keys made by single modules, as in the dense model.
+- official: as the official code, a token's q/k/v is the sum over its chosen modules' q/k/v;
+  one attention runs over all tokens, a SKIP token being a zero key and value that still takes
+  softmax mass; each chosen module's output projection is added with its weight.
+With K = 1 and no SKIP the two are the same computation.
 
-Routers: `mlp` scores the current hidden state; `gru` runs a GRU cell whose state carries across
-the H steps of each token, so what a token assembles next can depend on what it assembled before.
-Load balancing: the Switch loss N * sum_m f_m * P_m per pool and step, SKIP counted as a class.
+Layout (the official code's): `bottom_layers` dense blocks, then `chunks` routed chunks, each
+with its own pools, router pair and H steps (and, when chunks > 1, a dense anchor block after
+it), then `top_layers` dense blocks. chunks = 1 without dense layers is the paper's single pool.
 
-Routing of token j reads only token j's hidden state, so it is causal by construction: the
-KV cache keeps, per step and per assembly, the keys/values of the tokens that chose a real module
-(from that module); a SKIP writes nothing.
+Load balancing: the Switch loss N * sum_m f_m * P_m per pool, SKIP counted as a class, with f
+and P pooled over the H steps of a pool (--balance_over pool, the official default) or per step
+(steps). f counts all K choices (the official code counts only the top-1).
 
-Two-stage training: `MoMGPT.from_dense` builds the pools from a trained dense GPT's layers
-(attention module i = layer i's ln_1 + attention, FFN module i = its ln_2 + MLP), copies the
-embeddings, ln_f and head, and initialises the routers fresh.
+Routing of token j reads only token j's hidden state, so it is causal by construction; the KV
+cache keeps, per step, the keys/values each assembly attended over.
+
+Two-stage training: `MoMGPT.from_dense` builds each chunk's pools from its dense layers, copies
+the dense layers, embeddings, ln_f and head, and initialises the routers fresh (or biased to the
+dense order with --router_init layer_order).
 """
 
 from dataclasses import dataclass, replace
@@ -39,25 +46,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, MLP, CausalSelfAttention, KVCache, LayerNorm, attention_flops, block_matmul_params
-from router import pack_mask, switch_balance_loss
-
-SKIP = -1  # in `forced_modules`: the parameter-free choice (its router index is the pool size)
+from model import GPT, MLP, Block, CausalSelfAttention, KVCache, LayerNorm, attention_flops, block_matmul_params
+from router import ModuleRouter, pack_mask, switch_balance_loss
 
 
 @dataclass
 class MoMConfig:
-    n_attn_modules: int = 0  # attention modules in the pool; 0 = the dense model's n_layer
-    n_ffn_modules: int = 0  # FFN modules in the pool; 0 = the dense model's n_layer
-    assembly_steps: int = 0  # H, assembly steps per token; 0 = n_layer
+    n_attn_modules: int = 0  # attention modules per chunk's pool; 0 = the chunk's dense layers
+    n_ffn_modules: int = 0  # FFN modules per chunk's pool; 0 = the chunk's dense layers
+    assembly_steps: int = 0  # H, assembly steps per chunk; 0 = the chunk's dense layers
     modules_per_step: int = 1  # K, choices per token per step from each pool (SKIP included)
     router_kind: str = "gru"  # "gru": state carries across the H steps (the paper); "mlp": stateless
+    router_temperature: float = 1.0  # softmax temperature of the routers (official scripts: 0.2)
+    router_init: str = "fresh"  # "fresh" (the paper) | "layer_order": start near module h at step h
     balance_coef: float = 0.01  # weight of the Switch load-balancing loss
+    balance_over: str = "pool"  # "pool": f, P over all steps of a pool (official) | "steps": per step
+    attn_assembly: str = "per_module"  # "per_module" (K separate attentions) | "official" (summed q/k/v)
+    bottom_layers: int = 0  # dense blocks kept below the routed part
+    top_layers: int = 0  # dense blocks kept above it
+    chunks: int = 1  # routed chunks; each has its own pools, routers and steps (and an anchor if > 1)
 
     def __post_init__(self):
-        for flag in ("n_attn_modules", "n_ffn_modules", "assembly_steps"):
+        for flag in ("n_attn_modules", "n_ffn_modules", "assembly_steps", "bottom_layers", "top_layers"):
             if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag} must be >= 0 (0 = the dense model's n_layer), got {getattr(self, flag)}")
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        if self.chunks < 1:
+            raise ValueError(f"--chunks must be >= 1, got {self.chunks}")
         if self.modules_per_step < 1:
             raise ValueError(f"--modules_per_step must be >= 1, got {self.modules_per_step}")
         for flag in ("n_attn_modules", "n_ffn_modules"):
@@ -65,55 +79,43 @@ class MoMConfig:
             if pool and self.modules_per_step > pool + 1:
                 raise ValueError(f"--modules_per_step ({self.modules_per_step}) cannot exceed --{flag} + 1 "
                                  f"(the pool plus SKIP = {pool + 1})")
-        if self.router_kind not in ("mlp", "gru"):
-            raise ValueError(f"--router_kind must be 'mlp' or 'gru', got {self.router_kind!r}")
+        choices = dict(router_kind=("mlp", "gru"), router_init=("fresh", "layer_order"),
+                       balance_over=("pool", "steps"), attn_assembly=("per_module", "official"))
+        for flag, allowed in choices.items():
+            if getattr(self, flag) not in allowed:
+                raise ValueError(f"--{flag} must be one of {', '.join(allowed)}, got {getattr(self, flag)!r}")
+        if not self.router_temperature > 0:
+            raise ValueError(f"--router_temperature must be > 0, got {self.router_temperature}")
         if self.balance_coef < 0:
             raise ValueError(f"--balance_coef must be >= 0, got {self.balance_coef}")
 
-
-class Router(nn.Module):
-    """Scores the choices of one pool (its modules, then SKIP) for every token at one step."""
-
-    def __init__(self, config, n_choices, kind):
-        super().__init__()
-        width = max(16, config.n_embd // 8)  # a router costs a few percent of a block
-        self.kind = kind
-        self.ln = LayerNorm(config.n_embd, bias=config.bias)  # the residual stream grows with depth
-        if kind == "gru":
-            self.cell = nn.GRUCell(config.n_embd, width, bias=config.bias)
-        else:
-            self.hidden = nn.Linear(config.n_embd, width, bias=config.bias)
-        self.out = nn.Linear(width, n_choices, bias=config.bias)
-
-    def forward(self, x, state=None):
-        """x: (B, T, C), state: (B*T, width) or None -> logits (B, T, n_choices), new state."""
-        B, T, C = x.shape
-        z = self.ln(x).reshape(B * T, C)
-        if self.kind == "gru":
-            state = self.cell(z, state)  # None starts from zeros
-            hidden = state
-        else:
-            hidden = F.gelu(self.hidden(z), approximate="tanh")
-        return self.out(hidden).view(B, T, -1), state
-
-    def matmul_params(self):
-        return sum(p.numel() for p in self.parameters() if p.dim() == 2)
+    def layers_per_chunk(self, n_layer):
+        """The dense layers each chunk stands for, once n_layer is known (ValueError otherwise)."""
+        anchors = self.chunks if self.chunks > 1 else 0
+        routed = n_layer - self.bottom_layers - self.top_layers - anchors
+        if routed < self.chunks or routed % self.chunks:
+            raise ValueError(f"--chunks {self.chunks} must divide the {routed} routed layers left of n_layer "
+                             f"{n_layer} by --bottom_layers {self.bottom_layers}, --top_layers {self.top_layers}"
+                             f" and {anchors} anchor layers, into chunks of at least one layer")
+        return routed // self.chunks
 
 
-class MoMCache:
-    """Generation cache: for every assembly step, one KVCache per (assembly k, batch row) holding
-    the keys/values of the tokens that chose a real attention module there."""
+def group_by_module(chosen, n_modules):
+    """Choices (B, T, K) -> slots (S,) = flat indices token * K + k of every non-SKIP choice,
+    sorted by module (one argsort), and the number of slots per module (Python ints)."""
+    ids = chosen.reshape(-1)
+    order = ids.argsort(stable=True)  # SKIP (= n_modules) sorts last
+    counts = torch.bincount(ids, minlength=n_modules + 1)[:n_modules].tolist()
+    return order[:sum(counts)], counts
 
-    def __init__(self, steps):
-        self.steps = [[] for _ in range(steps)]
 
-    def step(self, h, n_rows):
-        if not self.steps[h]:
-            self.steps[h] = [KVCache() for _ in range(n_rows)]
-        return self.steps[h]
-
-    def __iter__(self):  # every KVCache, so that GPT.kv_cache_nbytes counts this cache like a dense one
-        return (c for caches in self.steps for c in caches)
+def by_module(pool, rows, counts):
+    """(module, its contiguous slice of rows) for every module somebody chose."""
+    start = 0
+    for module, count in zip(pool, counts):
+        if count:
+            yield module, rows[start:start + count]
+        start += count
 
 
 def split_heads(t, n_head):
@@ -127,16 +129,29 @@ def merge_heads(t):
     return t.transpose(1, 2).reshape(N, T, n_head * hs)
 
 
+def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
+    """Causal attention of every token of qkv (N, T, 3C) after the cache's keys -> (N, T, C)."""
+    T = qkv.size(1)
+    q, k, v = (split_heads(t, n_head) for t in qkv.chunk(3, dim=2))
+    past = 0 if cache is None else len(cache)
+    if cache is not None:
+        k, v = cache.append(k, v)
+    mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(past)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                                      dropout_p=dropout_p))
+
+
 def attention_among(qkv, keep, n_head, dropout_p=0.0):
     """Causal self-attention among the kept tokens of each row: a token not kept neither asks nor
     is a key. qkv: (N, T, 3C), keep: (N, T) bool -> (N, T, C); rows of tokens not kept hold junk
     that callers never read."""
     N, T, C3 = qkv.shape
+    if bool(keep.all()):  # nobody chose SKIP: no packing needed
+        return causal_attention(qkv, n_head, dropout_p=dropout_p)
     order, _ = pack_mask(keep)  # (N, n): kept tokens first, in causal order, padding after them
     if order.size(1) == 0:
         return qkv.new_zeros(N, T, C3 // 3)
-    q, k, v = (split_heads(t, n_head) for t in qkv.gather(1, order[..., None].expand(-1, -1, C3)).chunk(3, dim=2))
-    y = merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p))
+    y = causal_attention(qkv.gather(1, order[..., None].expand(-1, -1, C3)), n_head, dropout_p=dropout_p)
     return y.new_zeros(N, T, C3 // 3).scatter(1, order[..., None].expand(-1, -1, C3 // 3), y)
 
 
@@ -145,212 +160,279 @@ def cached_attention_among(qkv, keep, n_head, caches):
     to everything cached there plus, causally, to each other. A row with no kept token writes nothing."""
     N, T, C3 = qkv.shape
     out = qkv.new_zeros(N, T, C3 // 3)
-    for r in range(N):
-        kept = keep[r].nonzero().squeeze(1)
-        if kept.numel() == 0:
-            continue
-        q, k, v = (split_heads(t, n_head) for t in qkv[r, kept][None].chunk(3, dim=2))
-        past = len(caches[r])
-        k, v = caches[r].append(k, v)
-        mask = torch.ones(kept.numel(), past + kept.numel(), dtype=torch.bool, device=qkv.device).tril(past)
-        out[r, kept] = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[0].to(out.dtype)
+    for r, kept in enumerate(keep.tolist()):
+        if all(kept):  # the common case at decode: the row's token chose a module
+            out[r] = causal_attention(qkv[r:r + 1], n_head, caches[r])[0]
+        elif any(kept):
+            index = torch.tensor([t for t, k in enumerate(kept) if k], device=qkv.device)
+            out[r, index] = causal_attention(qkv[r:r + 1, index], n_head, caches[r])[0]
     return out
+
+
+class MoMCache:
+    """Generation cache: one KVCache per dense layer, and for every chunk and step one KVCache per
+    attention row (per (assembly k, batch row) for per_module, per batch row for official)."""
+
+    def __init__(self, n_dense, steps_per_chunk):
+        self.dense = [KVCache() for _ in range(n_dense)]
+        self.steps = [[[] for _ in range(steps)] for steps in steps_per_chunk]
+
+    def step(self, chunk, h, n_rows):
+        if not self.steps[chunk][h]:
+            self.steps[chunk][h] = [KVCache() for _ in range(n_rows)]
+        return self.steps[chunk][h]
+
+    def __iter__(self):  # every KVCache, so that GPT.kv_cache_nbytes counts this cache like a dense one
+        yield from self.dense
+        yield from (c for steps in self.steps for caches in steps for c in caches)
+
+
+class MoMChunk(nn.Module):
+    """Two pools, their routers and H assembly steps (then an optional dense anchor block)."""
+
+    def __init__(self, config, settings, n_attn, n_ffn, steps, anchor):
+        super().__init__()
+        self.config, self.steps, self.K, self.assembly = config, steps, settings.modules_per_step, settings.attn_assembly
+        self.attn_pool = nn.ModuleList(
+            nn.ModuleDict(dict(ln_1=LayerNorm(config.n_embd, config.bias), attn=CausalSelfAttention(config)))
+            for _ in range(n_attn))
+        self.ffn_pool = nn.ModuleList(
+            nn.ModuleDict(dict(ln_2=LayerNorm(config.n_embd, config.bias), mlp=MLP(config)))
+            for _ in range(n_ffn))
+        layer_order = settings.router_init == "layer_order"
+        self.attn_router, self.ffn_router = (  # last choice: SKIP
+            ModuleRouter(config.n_embd, n + 1, settings.router_kind, steps, settings.router_temperature,
+                         config.bias, step_bias=layer_order) for n in (n_attn, n_ffn))
+        self.anchor = Block(config) if anchor else None
+
+    def route(self, router, x, state, h):
+        logits, state = router(x, state, h)
+        probs = logits.softmax(dim=-1)
+        return probs, probs.topk(self.K, dim=-1).indices, state  # ranked: assembly k takes the k-th choice
+
+    def forward(self, x, caches=None):
+        """caches: None, or (one list of KVCaches per step, the anchor's KVCache)."""
+        attn_state = ffn_state = None  # GRU states: one per token, carried across the H steps
+        record = {"attn_probs": [], "attn": [], "ffn_probs": [], "ffn": []}
+        for h in range(self.steps):
+            probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
+            x = x + self.attention_assembly(x, probs, chosen, None if caches is None else caches[0](h))
+            record["attn_probs"].append(probs)
+            record["attn"].append(chosen)
+            probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
+            x = x + self.ffn_assembly(x, probs, chosen)
+            record["ffn_probs"].append(probs)
+            record["ffn"].append(chosen)
+        if self.anchor is not None:
+            x = self.anchor(x, None if caches is None else caches[1])
+        return x, {name: torch.stack(values) for name, values in record.items()}  # (H, B, T, ...)
+
+    def attention_assembly(self, x, probs, chosen, caches=None):
+        """sum_k p_jk * A_{m_jk}(x)_j. q/k/v of different tokens come from different modules, so no
+        module runs whole: each computes q/k/v for its tokens, attention runs once, then each
+        module projects its tokens' outputs."""
+        B, T, C = x.shape
+        K, N, n_head = self.K, len(self.attn_pool), self.config.n_head
+        slots, counts = group_by_module(chosen, N)
+        if slots.numel() == 0:
+            return torch.zeros_like(x)  # every token chose SKIP
+        token = slots // K
+        rows = x.reshape(B * T, C)[token]  # one gather: each module's tokens sit together
+        qkv_sorted = torch.cat([m.attn.c_attn(m.ln_1(part)) for m, part in by_module(self.attn_pool, rows, counts)])
+        dropout_p = self.config.dropout if self.training else 0.0
+        if self.assembly == "official":  # q/k/v summed over a token's modules; SKIP = zero key and value
+            qkv = qkv_sorted.new_zeros(B * T, 3 * C).index_add(0, token, qkv_sorted)
+            y = causal_attention(qkv.view(B, T, 3 * C), n_head, None if caches is None else caches[0], dropout_p)
+            y = y.reshape(B * T, C)[token]
+        else:  # assembly k = the k-th choices of all tokens, attention among its non-SKIP tokens
+            qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted)
+            qkv = qkv.view(B, T, K, 3 * C).permute(2, 0, 1, 3).reshape(K * B, T, 3 * C)
+            keep = (chosen != N).permute(2, 0, 1).reshape(K * B, T)
+            if caches is None:
+                y = attention_among(qkv, keep, n_head, dropout_p)
+            else:
+                y = cached_attention_among(qkv, keep, n_head, caches)
+            y = y.view(K, B, T, C).permute(1, 2, 0, 3).reshape(B * T * K, C)[slots]
+        out = torch.cat([m.attn.resid_dropout(m.attn.c_proj(part)) for m, part in by_module(self.attn_pool, y, counts)])
+        weight = probs.gather(-1, chosen).reshape(-1)[slots, None]
+        return torch.zeros_like(x).view(B * T, C).index_add(0, token, (weight * out).to(x.dtype)).view(B, T, C)
+
+    def ffn_assembly(self, x, probs, chosen):
+        """sum_k p_jk * F_{m_jk}(x_j): each module runs once, on its contiguous slice of tokens."""
+        B, T, C = x.shape
+        slots, counts = group_by_module(chosen, len(self.ffn_pool))
+        if slots.numel() == 0:
+            return torch.zeros_like(x)
+        token = slots // self.K
+        rows = x.reshape(B * T, C)[token]
+        out = torch.cat([m.mlp(m.ln_2(part)) for m, part in by_module(self.ffn_pool, rows, counts)])
+        weight = probs.gather(-1, chosen).reshape(-1)[slots, None]
+        return torch.zeros_like(x).view(B * T, C).index_add(0, token, (weight * out).to(x.dtype)).view(B, T, C)
 
 
 class MoMGPT(GPT):
     ddp_find_unused_parameters = True  # a module no token chose in a step gets no gradient
 
-    def __init__(self, config, vcfg):
+    def __init__(self, config, settings):
         super().__init__(config)
-        L = config.n_layer
-        vcfg = replace(vcfg, n_attn_modules=vcfg.n_attn_modules or L, n_ffn_modules=vcfg.n_ffn_modules or L,
-                       assembly_steps=vcfg.assembly_steps or L)  # replace() validates again
-        self.vcfg = vcfg
-        self.loss_weights = {"mom_balance": vcfg.balance_coef}
-        del self.transformer.h  # the stack of blocks becomes the two pools
-        self.attn_pool = nn.ModuleList(
-            nn.ModuleDict(dict(ln_1=LayerNorm(config.n_embd, config.bias), attn=CausalSelfAttention(config)))
-            for _ in range(vcfg.n_attn_modules))
-        self.ffn_pool = nn.ModuleList(
-            nn.ModuleDict(dict(ln_2=LayerNorm(config.n_embd, config.bias), mlp=MLP(config)))
-            for _ in range(vcfg.n_ffn_modules))
-        self.attn_router = Router(config, vcfg.n_attn_modules + 1, vcfg.router_kind)  # last choice: SKIP
-        self.ffn_router = Router(config, vcfg.n_ffn_modules + 1, vcfg.router_kind)
-        for part in (self.attn_pool, self.ffn_pool, self.attn_router, self.ffn_router):
+        P = settings.layers_per_chunk(config.n_layer)
+        settings = replace(settings, n_attn_modules=settings.n_attn_modules or P,  # replace() validates again
+                           n_ffn_modules=settings.n_ffn_modules or P, assembly_steps=settings.assembly_steps or P)
+        self.settings = settings
+        self.loss_weights = {"mom_balance": settings.balance_coef}
+        del self.transformer.h  # the stack of blocks becomes dense blocks and routed chunks
+        s = settings
+        self.bottom = nn.ModuleList(Block(config) for _ in range(s.bottom_layers))
+        self.chunks = nn.ModuleList(MoMChunk(config, s, s.n_attn_modules, s.n_ffn_modules, s.assembly_steps,
+                                             anchor=s.chunks > 1) for _ in range(s.chunks))
+        self.top = nn.ModuleList(Block(config) for _ in range(s.top_layers))
+        self.n_dense = s.bottom_layers + s.top_layers + (s.chunks if s.chunks > 1 else 0)
+        for part in (self.bottom, self.chunks, self.top):
             part.apply(self._init_weights)
-        for name, p in [*self.attn_pool.named_parameters(), *self.ffn_pool.named_parameters()]:
-            if name.endswith("c_proj.weight"):  # GPT-2's depth scaling, with 2H residual updates
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / (2 * vcfg.assembly_steps) ** 0.5)
-        self.forced_modules = None  # tests/analysis: one (attention, FFN) module index per step, weight 1
-        self.last_routing = None  # choices of the last forward, (H, B, T, K) per pool
-
-    # --- routing ---------------------------------------------------------------------------
-
-    def route(self, router, x, state, forced):
-        """Top-K choices of one pool for every token. Returns probs (B, T, n+1), chosen (B, T, K)
-        where index n is SKIP, and the router's new state."""
-        if forced is None:
-            logits, state = router(x, state)
-            probs = logits.softmax(dim=-1)
-        else:  # every token takes the forced module with probability (and so weight) 1
-            n_choices = router.out.out_features
-            index = n_choices - 1 if forced == SKIP else forced
-            probs = F.one_hot(torch.full(x.shape[:2], index, device=x.device), n_choices).to(x.dtype)
-        chosen = probs.topk(self.vcfg.modules_per_step, dim=-1).indices  # ranked: assembly k takes the k-th choice
-        return probs, chosen, state
-
-    @staticmethod
-    def served_tokens(chosen, n_modules):
-        """For each module, the (token, assembly) pairs that chose it, tokens flattened to B*T.
-        A module nobody chose gets empty indices and is never run."""
-        flat = chosen.reshape(-1, chosen.size(-1))
-        return [(flat == m).nonzero(as_tuple=True) for m in range(n_modules)]
-
-    # --- the two assemblies ------------------------------------------------------------------
-
-    def attention_assembly(self, x, probs, chosen, caches=None):
-        """sum_k p_jk * A_{m_jk}(x)_j: K assemblies, each one causal attention over its own
-        non-SKIP tokens, q/k/v and output projection from the module each token chose."""
-        B, T, C = x.shape
-        K, N = chosen.size(-1), len(self.attn_pool)
-        flat, p = x.reshape(B * T, C), probs.reshape(B * T, -1)
-        served = self.served_tokens(chosen, N)
-        # q/k/v of different tokens come from different modules, so no module's forward can run
-        # whole: each module computes q/k/v for its tokens, the attention runs once, then each
-        # module projects its tokens' outputs
-        parts = [(token, k, module.attn.c_attn(module.ln_1(flat[token])))
-                 for module, (token, k) in zip(self.attn_pool, served) if token.numel()]
-        if not parts:
-            return torch.zeros_like(x)  # every token chose SKIP
-        qkv = parts[0][2].new_zeros(K, B * T, 3 * C)  # the matmuls' dtype (autocast may lower it)
-        for token, k, values in parts:
-            qkv[k, token] = values
-        keep = (chosen != N).permute(2, 0, 1).reshape(K * B, T)  # assembly-major, like qkv
-        qkv = qkv.view(K * B, T, 3 * C)
-        n_head = self.config.n_head
-        if caches is None:
-            dropout_p = self.config.dropout if self.training else 0.0
-            y = attention_among(qkv, keep, n_head, dropout_p)
-        else:
-            y = cached_attention_among(qkv, keep, n_head, caches)
-        y = y.view(K, B * T, C)
-        update = torch.zeros_like(flat)
-        for m, (module, (token, k)) in enumerate(zip(self.attn_pool, served)):
-            if token.numel():
-                out = module.attn.resid_dropout(module.attn.c_proj(y[k, token]))
-                update = update.index_add(0, token, (p[token, m, None] * out).to(update.dtype))
-        return update.view(B, T, C)
-
-    def ffn_assembly(self, x, probs, chosen):
-        """sum_k p_jk * F_{m_jk}(x_j): each module runs on the tokens that chose it."""
-        B, T, C = x.shape
-        flat, p = x.reshape(B * T, C), probs.reshape(B * T, -1)
-        update = torch.zeros_like(flat)
-        for m, (module, (token, _)) in enumerate(zip(self.ffn_pool, self.served_tokens(chosen, len(self.ffn_pool)))):
-            if token.numel():  # a token picks a module at most once, so `token` has no repeats
-                out = module.mlp(module.ln_2(flat[token]))
-                update = update.index_add(0, token, (p[token, m, None] * out).to(update.dtype))
-        return update.view(B, T, C)
+        updates = 2 * (self.n_dense + s.chunks * s.assembly_steps)  # GPT-2's depth scaling, per residual update
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / updates ** 0.5)
+        if s.router_init == "layer_order":  # step h's target: the module standing for step h's layer
+            for chunk in self.chunks:
+                for router, n in ((chunk.attn_router, s.n_attn_modules), (chunk.ffn_router, s.n_ffn_modules)):
+                    router.start_in_layer_order([h * n // s.assembly_steps for h in range(s.assembly_steps)])
+        self.last_routing = None  # per chunk: choices (H, B, T, K) and probabilities of each pool
 
     # --- the GPT seam -------------------------------------------------------------------------
 
-    def forward_trunk(self, x, cache=None):
-        H = self.vcfg.assembly_steps
-        forced = self.forced_modules or [(None, None)] * H
-        if len(forced) != H:
-            raise ValueError(f"forced_modules needs one (attention, FFN) pair per step ({H}), got {len(forced)}")
-        attn_state = ffn_state = None  # GRU states: one per token, carried across the H steps
-        balance, attn_choices, ffn_choices = [], [], []
-        for h in range(H):
-            probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, forced[h][0])
-            caches = None if cache is None else cache.step(h, chosen.size(-1) * x.size(0))
-            x = x + self.attention_assembly(x, probs, chosen, caches)
-            balance.append(switch_balance_loss(probs, chosen, probs.size(-1)))
-            attn_choices.append(chosen)
+    def dense_blocks(self):
+        """Every dense block in the order it runs: bottom, anchors, top."""
+        return [*self.bottom, *(c.anchor for c in self.chunks if c.anchor is not None), *self.top]
 
-            probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, forced[h][1])
-            x = x + self.ffn_assembly(x, probs, chosen)
-            balance.append(switch_balance_loss(probs, chosen, probs.size(-1)))
-            ffn_choices.append(chosen)
-        self.last_routing = {"attn": torch.stack(attn_choices).detach(), "ffn": torch.stack(ffn_choices).detach()}
-        return x, {"mom_balance": torch.stack(balance).mean()}
+    def forward_trunk(self, x, cache=None):
+        dense_cache = iter(cache.dense) if cache is not None else None
+        for block in self.bottom:
+            x = block(x, None if cache is None else next(dense_cache))
+        routing = []
+        for c, chunk in enumerate(self.chunks):
+            caches = None
+            if cache is not None:
+                rows = x.size(0) * chunk.K if chunk.assembly == "per_module" else 1
+                caches = (lambda h, c=c, rows=rows: cache.step(c, h, rows),
+                          next(dense_cache) if chunk.anchor is not None else None)
+            x, record = chunk(x, caches)
+            routing.append(record)
+        for block in self.top:
+            x = block(x, None if cache is None else next(dense_cache))
+        self.last_routing = [{k: v.detach() for k, v in r.items() if not k.endswith("probs")} for r in routing]
+        return x, {"mom_balance": self.balance_loss(routing)}
+
+    def balance_loss(self, routing):
+        """Mean Switch loss over every pool of every chunk (and every step with balance_over=steps)."""
+        terms = []
+        for record in routing:
+            for pool in ("attn", "ffn"):
+                probs, chosen = record[f"{pool}_probs"], record[pool]
+                if self.settings.balance_over == "pool":
+                    terms.append(switch_balance_loss(probs, chosen, probs.size(-1)))
+                else:
+                    terms += [switch_balance_loss(p, c, p.size(-1)) for p, c in zip(probs, chosen)]
+        return torch.stack(terms).mean()
 
     def new_cache(self):
-        return MoMCache(self.vcfg.assembly_steps)
+        return MoMCache(self.n_dense, [c.steps for c in self.chunks])
+
+    def kept(self, record):
+        """(attention, FFN) masks (H, B, T, K) of the choices that took a real module."""
+        return record["attn"] != len(self.chunks[0].attn_pool), record["ffn"] != len(self.chunks[0].ffn_pool)
 
     @torch.no_grad()
     def evaluate(self, idx, targets):
         _, loss, aux = self(idx, targets)
-        attn_skip = (self.last_routing["attn"] == len(self.attn_pool)).float().mean().item()
-        ffn_skip = (self.last_routing["ffn"] == len(self.ffn_pool)).float().mean().item()
+        attn_kept = torch.cat([self.kept(r)[0].flatten() for r in self.last_routing]).float().mean().item()
+        ffn_kept = torch.cat([self.kept(r)[1].flatten() for r in self.last_routing]).float().mean().item()
         return {
             "loss": loss.item(),
             "mom_balance": aux["mom_balance"].item(),
-            "modules_per_step": self.vcfg.modules_per_step * (1 - (attn_skip + ffn_skip) / 2),  # per pool
-            "skip_rate": (attn_skip + ffn_skip) / 2,
-            "attn_skip_rate": attn_skip,
-            "ffn_skip_rate": ffn_skip,
-            "flops_per_token": self.routing_flops_per_token(self.last_routing["attn"], self.last_routing["ffn"]),
+            "modules_used": self.settings.modules_per_step * (attn_kept + ffn_kept) / 2,  # per pool and step
+            "skip_rate": 1 - (attn_kept + ffn_kept) / 2,
+            "attn_skip_rate": 1 - attn_kept,
+            "ffn_skip_rate": 1 - ffn_kept,
+            "flops_per_token": self.routing_flops_per_token(self.last_routing),
         }
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the 2HK module slots each token filled with a real module (1 = no
-        SKIP anywhere). Routing is causal, so a full forward tells what decoding used; text longer
-        than the context is read in block_size windows."""
+        """(B, T) fraction of the token's sublayer slots (2 per dense block, 2HK per chunk) that
+        ran a real module (1 = no SKIP anywhere). Routing is causal, so a full forward tells what
+        decoding used within one context window; longer text is read in block_size windows."""
+        s = self.settings
+        slots = 2 * self.n_dense + 2 * s.chunks * s.assembly_steps * s.modules_per_step
         depths = []
         for start in range(0, idx.size(1), self.config.block_size):
             self(idx[:, start:start + self.config.block_size])
-            attn, ffn = self.last_routing["attn"], self.last_routing["ffn"]
-            used = (attn != len(self.attn_pool)).sum(dim=(0, 3)) + (ffn != len(self.ffn_pool)).sum(dim=(0, 3))
-            depths.append(used.float().cpu() / (2 * self.vcfg.assembly_steps * self.vcfg.modules_per_step))
+            used = 2 * self.n_dense + sum((a.sum(dim=(0, 3)) + f.sum(dim=(0, 3)))
+                                          for a, f in map(self.kept, self.last_routing))
+            depths.append(used.float().cpu() / slots)
         return torch.cat(depths, dim=1)
 
     # --- cost ----------------------------------------------------------------------------
 
-    def routing_flops_per_token(self, attn_choices, ffn_choices):
-        """Training FLOPs per token of a realised routing (DESIGN.md convention). choices:
-        (H, B, T, K). A token pays the matmuls of each real module it chose; in assembly (h, k)
-        of a row with n non-SKIP tokens, each of them attends over n keys; both routers run for
-        every token at every step; plus the LM head."""
-        H, B, T, K = attn_choices.shape
+    def routing_flops_per_token(self, routing):
+        """Training FLOPs per token of a realised routing (6 x matmul weights + 12 d T per attended
+        layer, LM head counted). A token pays the matmuls of each real module it chose; per_module:
+        in assembly (h, k) of a row with n non-SKIP tokens each of them attends over n keys;
+        official: every token attends over all T every step. Both routers run for every token at
+        every step; dense blocks cost what they cost in GPT."""
+        B, T = routing[0]["attn"].shape[1:3]
         d = self.config.n_embd
         attn_params = block_matmul_params(d) // 3  # c_attn 3d^2 + c_proj d^2; the MLP holds the other 8d^2
         ffn_params = block_matmul_params(d) - attn_params
-        attn_kept = attn_choices != len(self.attn_pool)
-        ffn_kept = ffn_choices != len(self.ffn_pool)
-        keys = attn_kept.sum(dim=2).double()  # (H, B, K)
-        total = (6 * attn_params * attn_kept.sum().item() + 6 * ffn_params * ffn_kept.sum().item()
-                 + attention_flops(d, 1) * (keys ** 2).sum().item())
-        routers = 6 * H * (self.attn_router.matmul_params() + self.ffn_router.matmul_params())
-        return total / (B * T) + routers + 6 * d * self.config.vocab_size
+        total = self.n_dense * (6 * block_matmul_params(d) + attention_flops(d, T)) * B * T
+        for chunk, record in zip(self.chunks, routing):
+            attn_kept, ffn_kept = self.kept(record)
+            total += 6 * attn_params * attn_kept.sum().item() + 6 * ffn_params * ffn_kept.sum().item()
+            if chunk.assembly == "official":
+                total += attention_flops(d, T) * chunk.steps * B * T
+            else:
+                total += attention_flops(d, 1) * (attn_kept.sum(dim=2).double() ** 2).sum().item()
+            total += 6 * chunk.steps * (chunk.attn_router.matmul_params() + chunk.ffn_router.matmul_params()) * B * T
+        return total / (B * T) + 6 * d * self.config.vocab_size
 
     def flops_per_token(self, seq_len=None):
         """The ceiling: every token takes K real modules from both pools at every step (no SKIP).
         evaluate() reports the realised figure of the routing it saw."""
         T = seq_len or self.config.block_size
-        every_token_uses_module_0 = torch.zeros(self.vcfg.assembly_steps, 1, T, self.vcfg.modules_per_step,
-                                                dtype=torch.long)
-        return self.routing_flops_per_token(every_token_uses_module_0, every_token_uses_module_0)
+        s = self.settings
+        module_0 = torch.zeros(s.assembly_steps, 1, T, s.modules_per_step, dtype=torch.long)
+        return self.routing_flops_per_token([{"attn": module_0, "ffn": module_0}] * s.chunks)
 
     # --- two-stage training ----------------------------------------------------------------
 
     @classmethod
-    def from_dense(cls, dense, vcfg):
-        """Stage 2: pools from the dense layers (attention module i = layer i's ln_1 + attn, FFN
-        module i = its ln_2 + mlp); embeddings, ln_f and head copied; routers fresh."""
+    def from_dense(cls, dense, settings):
+        """Stage 2. Dense layers in order: bottom_layers, then per chunk its P routed layers (and its
+        anchor), then top_layers. A pool of n modules takes the chunk's layers i * P // n, i < n:
+        evenly spaced from the first, all P when n = P (the official layer map takes the first n).
+        Dense blocks, embeddings, ln_f and head are copied; routers start fresh."""
         L = dense.config.n_layer
+        P = settings.layers_per_chunk(L)
         for flag in ("n_attn_modules", "n_ffn_modules"):
-            if getattr(vcfg, flag) not in (0, L):
-                raise ValueError(f"--{flag} must be 0 or the dense model's n_layer ({L}) to build the pool "
-                                 f"from its layers, got {getattr(vcfg, flag)}")
-        model = cls(replace(dense.config), vcfg)
-        ours = model.state_dict()
+            if getattr(settings, flag) > P:
+                raise ValueError(f"--{flag} ({getattr(settings, flag)}) exceeds the {P} dense layers per chunk "
+                                 f"that can fill the pool")
+        model = cls(replace(dense.config), settings)
+        layers = iter(dense.transformer.h)
         with torch.no_grad():
-            for name, tensor in dense.state_dict().items():
-                if name.startswith("transformer.h."):
-                    _, _, layer, part, rest = name.split(".", 4)
-                    pool = "attn_pool" if part in ("ln_1", "attn") else "ffn_pool"
-                    name = f"{pool}.{layer}.{part}.{rest}"
-                ours[name].copy_(tensor)
+            for name in ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head"):
+                model.get_submodule(name).load_state_dict(dense.get_submodule(name).state_dict())
+            for block in model.bottom:
+                block.load_state_dict(next(layers).state_dict())
+            for chunk in model.chunks:
+                chunk_layers = [next(layers) for _ in range(P)]
+                for pool in (chunk.attn_pool, chunk.ffn_pool):
+                    for i, module in enumerate(pool):
+                        source = chunk_layers[i * P // len(pool)]
+                        for part, sub in module.items():
+                            sub.load_state_dict(getattr(source, part).state_dict())
+                if chunk.anchor is not None:
+                    chunk.anchor.load_state_dict(next(layers).state_dict())
+            for block in model.top:
+                block.load_state_dict(next(layers).state_dict())
         return model

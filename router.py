@@ -5,6 +5,8 @@ Each function is a few lines and computes the formula in its docstring; the tech
 decide where to call them.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -105,7 +107,8 @@ def gate_sum_sparsity(gates_per_layer):
 def switch_balance_loss(router_probs, chosen, n_choices):
     """Switch Transformer load balancing: N * sum_j f_j * P_j, with f_j the fraction of
     choices that went to option j and P_j the mean router probability of option j.
-    Equals 1 for perfectly uniform routing and N when every token picks one option.
+    Equals 1 for perfectly uniform routing; when every token puts all its probability on the same
+    K options (K = chosen.size(-1)) it equals N / K: N for collapse onto one option with K = 1.
 
     router_probs: (..., N) softmax outputs; chosen: (..., K) indices of the chosen options."""
     probs = router_probs.reshape(-1, n_choices)
@@ -113,3 +116,58 @@ def switch_balance_loss(router_probs, chosen, n_choices):
     fraction = counts.mean(dim=0)  # f_j: share of all choices
     mean_prob = probs.mean(dim=0)  # P_j
     return n_choices * (fraction * mean_prob).sum()
+
+
+# --- Mixture-of-Modules -------------------------------------------------------------------------
+
+class ModuleRouter(nn.Module):
+    """Mixture-of-Modules router of one pool: scores its N modules and SKIP for every token at
+    assembly step h,
+
+        gru: s_h = GRUCell(LN(x_h), s_{h-1}),  s_0 = 0      (state carries across the H steps)
+        mlp: s_h = gelu(W_1 LN(x_h))                         (stateless)
+        logits_h = (W_2 s_h + b + b_h) / temperature,   p_h = softmax(logits_h)
+
+    b_h is a per-step bias, present only with --router_init layer_order, where it starts the
+    router near the dense order (module h at step h); otherwise the router cannot tell steps apart
+    except through its GRU state, as in the paper.
+    Differences from the official code, kept on purpose: a LayerNorm on the router input (the
+    official routers read the raw residual stream, whose scale grows with depth); the MLP router's
+    activation is tanh-GELU (official: ReLU). The official GRU is the standard cell, as here."""
+
+    def __init__(self, n_embd, n_choices, kind, steps, temperature=1.0, bias=True, step_bias=False):
+        super().__init__()
+        width = max(16, n_embd // 8)  # a router costs a few percent of a block
+        self.kind, self.temperature = kind, temperature
+        self.ln = nn.LayerNorm(n_embd, elementwise_affine=True, bias=bias)
+        if kind == "gru":
+            self.cell = nn.GRUCell(n_embd, width, bias=bias)
+        else:
+            self.hidden = nn.Linear(n_embd, width, bias=bias)
+        self.out = nn.Linear(width, n_choices, bias=bias)
+        self.step_bias = nn.Parameter(torch.zeros(steps, n_choices)) if step_bias else None
+
+    def forward(self, x, state, step):
+        """x: (B, T, C), state: (B*T, width) or None -> logits (B, T, n_choices), new state."""
+        B, T, C = x.shape
+        z = self.ln(x).reshape(B * T, C)
+        if self.kind == "gru":
+            state = hidden = self.cell(z, state)  # None starts from zeros
+        else:
+            hidden = F.gelu(self.hidden(z), approximate="tanh")
+        logits = self.out(hidden)
+        if self.step_bias is not None:
+            logits = logits + self.step_bias[step]
+        return (logits / self.temperature).view(B, T, -1), state
+
+    @torch.no_grad()
+    def start_in_layer_order(self, targets, prob=0.9):
+        """Per-step bias so that step h gives probability about `prob` to module targets[h]
+        (the rest spread evenly): log(prob / (1 - prob) * (n_choices - 1)) on the target."""
+        n = self.step_bias.size(1)
+        self.step_bias.zero_()
+        for h, m in enumerate(targets):
+            self.step_bias[h, m] = math.log(prob / (1 - prob) * (n - 1)) * self.temperature
+
+    def matmul_params(self):
+        return sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and name != "step_bias")
