@@ -1,10 +1,11 @@
-"""The shared routing math computes the formulas its docstrings state."""
+"""router.py's functions compute the formulas their docstrings state (MoM's balance loss is
+tested with MoM, in test_mom.py)."""
 
 import torch
 
 from router import (
     capacity_to_k, expert_choice_topk, indices_to_mask, pack_mask, straight_through_gate,
-    switch_balance_loss, threshold_route, topk_bce_loss,
+    threshold_route, topk_bce_loss,
 )
 
 
@@ -58,14 +59,3 @@ def test_straight_through_gate_is_hard_forward_and_sigmoid_derivative_backward()
     gate.sum().backward()
     sig = torch.sigmoid(s.detach())
     assert torch.allclose(s.grad, sig * (1 - sig))
-
-
-def test_switch_balance_loss_is_one_for_uniform_routing_and_n_for_collapse():
-    n, tokens = 4, 64
-    uniform_probs = torch.full((tokens, n), 1.0 / n)
-    round_robin = torch.arange(tokens).remainder(n).unsqueeze(-1)  # each option chosen equally often
-    assert torch.allclose(switch_balance_loss(uniform_probs, round_robin, n), torch.tensor(1.0))
-    collapsed_probs = torch.zeros(tokens, n)
-    collapsed_probs[:, 2] = 1.0
-    always_two = torch.full((tokens, 1), 2)
-    assert torch.allclose(switch_balance_loss(collapsed_probs, always_two, n), torch.tensor(float(n)))
