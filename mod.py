@@ -11,15 +11,15 @@ f is the block's update without its residual (attention, then MLP), run on the r
 alone, in their original order: a routed token attends only to earlier routed tokens, and a
 token that skips the block leaves no key there. The paper multiplies by the raw score r_i; we
 squash it with a sigmoid so the scale stays bounded (the auxiliary loss reads sigmoid(r) too).
-The paper's router is w . x_i with no bias; ours keeps the bias b of nn.Linear. b is the same
-for every token, so it never changes which tokens top-k picks; it shifts sigmoid(r), the update's
-scale and the causal 0.5 threshold, which lets the BCE fit the base rate C (a logit near
-log(C / (1 - C)) = -1.95 at C = 0.125) without bending w towards it.
+The paper's router is w . x_i with no bias; ours keeps one (router.py says why).
 
 Top-k over the sequence peeks at the future, so sampling decides token by token instead
 (routing_mode "causal"): route iff sigmoid(r_i) > 0.5, with the router trained towards the
 top-k choice by BCE (causal_method "aux_loss"), or iff a small predictor MLP, trained by BCE on
-a stop-gradient copy of the router's input, says so (causal_method "predictor").
+a stop-gradient copy of the router's input, says so (causal_method "predictor"). The router,
+the predictor and their loss live in router.py; this file keeps the block logic, one method per
+mode: forward_topk (training), forward_causal (a whole sequence, token-by-token decisions) and
+decode (new tokens against a KV cache).
 """
 
 from contextlib import contextmanager
@@ -30,7 +30,8 @@ import torch.nn as nn
 
 import kernels
 from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import capacity_to_k, expert_choice_topk, indices_to_mask, pack_mask, threshold_route, topk_bce_loss
+from router import (CausalPredictor, DepthRouter, capacity_to_k, expert_choice_topk, indices_to_mask, pack_mask,
+                    threshold_route, topk_bce_loss)
 
 
 @dataclass
@@ -79,81 +80,106 @@ class RoutedKVCache:
 class RoutedBlock(nn.Module):
     """A model.Block that only the routed tokens go through."""
 
-    def __init__(self, block, n_embd, vcfg):
+    def __init__(self, block, n_embd, settings):
         super().__init__()
         self.block = block
-        self.capacity = vcfg.capacity
-        self.kernels = vcfg.kernels
-        self.router = nn.Linear(n_embd, 1)  # r_i = w . x_i + b: the paper has no b (see the docstring)
-        self.predictor = None
-        if vcfg.causal_method == "predictor":
-            hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of the block's weights
-            self.predictor = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.capacity = settings.capacity
+        self.kernel_impl = settings.kernels  # "torch" | "triton" (the kernels module is `kernels`)
+        self.router = DepthRouter(n_embd)  # r_i
+        self.predictor = CausalPredictor(n_embd) if settings.causal_method == "predictor" else None
         self.routed_mask = None  # (B, T) bool: which tokens of the last forward went through
-        self.causal_choice = None  # (B, T) bool: what causal routing chose, for the accuracy metric
+        self.causal_choice = None  # (B, T) bool: what causal routing chose, for precision and recall
 
     def routing_weights(self):
         """Matmul weights of the router (and predictor): what routing costs every token."""
         return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("block.") and p.dim() == 2)
 
-    def update(self, x, scores, idx, valid=None, cache=None):
-        """x_i + sigmoid(r_i) * f(x_routed)_i at positions idx (B, m), sorted per row; every
-        other token is returned untouched. valid (B, m) marks padding that must stay as it was."""
-        if valid is None and cache is None and kernels.use_triton(x, self.kernels):
-            return self.fused_update(x, scores, idx)
-        index = idx.unsqueeze(-1).expand(-1, -1, x.size(-1))
-        routed = x.gather(1, index)  # (B, m, C), original order: causal attention stays causal
-        attn = self.block.attn_update(routed, cache)
-        f = attn + self.block.mlp_update(routed + attn)  # the block's update, no residual
-        w = torch.sigmoid(scores.gather(1, idx)).unsqueeze(-1)  # sigmoid, not the paper's raw r
-        out = routed + w * f
-        if valid is not None:
-            out = torch.where(valid.unsqueeze(-1), out, routed)
-        return x.scatter(1, index, out)  # unrouted tokens are copied bit for bit
+    @staticmethod
+    def router_weight(scores):
+        """w_i = sigmoid(r_i), what scales a routed token's update (the paper uses the raw r_i)."""
+        return torch.sigmoid(scores)
 
-    def fused_update(self, x, scores, idx):
-        """update() in top-k mode, with ln_1 fused into the gather and the weighting into the scatter."""
+    def causal_logits(self, x, scores):
+        """The logit that decides token by token: the router's own score, or the predictor's."""
+        return scores if self.predictor is None else self.predictor(x)
+
+    def block_update(self, x_sub, cache=None):
+        """f(x_sub): the block's update without its residual (attention, then MLP)."""
+        attn = self.block.attn_update(x_sub, cache)
+        return attn + self.block.mlp_update(x_sub + attn)
+
+    def add_update(self, x, scores, idx, valid=None, cache=None):
+        """x_i + w_i * f(x_sub)_i at positions idx (B, m), sorted per row; every other token is
+        returned untouched. valid (B, m) marks padding that must stay as it was.
+
+        The rows are picked from x viewed as (B*T, d): index_select copies whole rows, and
+        index_add's gradient for x is the incoming gradient itself, where gather/scatter would
+        copy and zero full-size tensors in the backward pass."""
+        B, T, d = x.shape
+        rows = (idx + T * torch.arange(B, device=x.device).unsqueeze(1)).flatten()  # (B*m,) rows of x
+        flat = x.reshape(B * T, d)
+        x_sub = flat.index_select(0, rows).view(B, -1, d)  # original order: causal attention stays causal
+        weighted = self.router_weight(scores.gather(1, idx)).unsqueeze(-1) * self.block_update(x_sub, cache)
+        if valid is not None:
+            weighted = weighted * valid.unsqueeze(-1)  # padding adds 0: those tokens stay bit for bit
+        return flat.index_add(0, rows, weighted.reshape(-1, d).to(x.dtype)).view(B, T, d)
+
+    def add_update_fused(self, x, scores, idx):
+        """add_update in top-k mode with ln_1 fused into the gather and the weighting into the scatter."""
         ln_1 = self.block.ln_1
-        routed, normed = kernels.gather_layernorm(x, idx, ln_1.weight, ln_1.bias, eps=1e-5)
+        x_sub, normed = kernels.gather_layernorm(x, idx, ln_1.weight, ln_1.bias, eps=1e-5)
         attn = self.block.attn(normed)
-        f = attn + self.block.mlp_update(routed + attn)
-        return kernels.scatter_weighted_add(x, idx, f, torch.sigmoid(scores.gather(1, idx)))
+        f = attn + self.block.mlp_update(x_sub + attn)
+        return kernels.scatter_weighted_add(x, idx, f, self.router_weight(scores.gather(1, idx)))
 
     def forward(self, x, mode, cache=None):
         """Returns the new x and the BCE that teaches causal routing (None outside top-k mode)."""
-        scores = self.router(x).squeeze(-1)  # (B, T)
-        causal_logits = scores if self.predictor is None else self.predictor(x.detach()).squeeze(-1)
-        causal = threshold_route(causal_logits)  # (B, T): sigmoid > 0.5, from token i alone
-        bce = None
         if mode == "topk":
-            idx = expert_choice_topk(scores, capacity_to_k(self.capacity, x.size(1)))  # (B, k)
-            routed = indices_to_mask(idx, x.size(1))
-            bce = topk_bce_loss(causal_logits, routed)  # targets per row; trains router or predictor
-            x = self.update(x, scores, idx)
-        elif mode == "causal" and cache is None:
-            routed = causal
-            if routed.any():  # rows route different counts: pack them, padding after the real ones
-                idx, valid = pack_mask(routed)
-                x = self.update(x, scores, idx, valid)
-        elif mode == "causal":
-            routed = causal
-            rows = []
-            for b in range(x.size(0)):
-                idx = routed[b].nonzero().T  # (1, m): the new tokens this row routes
-                if idx.numel() == 0:  # skips the block and writes nothing to its cache
-                    rows.append(x[b:b + 1])
-                else:
-                    rows.append(self.update(x[b:b + 1], scores[b:b + 1], idx, cache=cache.row(b)))
-            x = torch.cat(rows)
-        else:
-            raise ValueError(f"routing_mode must be 'topk' or 'causal', got {mode!r}")
-        self.routed_mask, self.causal_choice = routed, causal
-        return x, bce
+            return self.forward_topk(x)
+        if mode == "causal":
+            return (self.forward_causal(x) if cache is None else self.decode(x, cache)), None
+        raise ValueError(f"routing_mode must be 'topk' or 'causal', got {mode!r}")
+
+    def forward_topk(self, x):
+        """Training: the top-k tokens of each sequence go through; the causal logit learns top-k."""
+        scores = self.router(x)  # (B, T)
+        logits = self.causal_logits(x, scores)
+        idx = expert_choice_topk(scores, capacity_to_k(self.capacity, x.size(1)))  # (B, k)
+        self.routed_mask = indices_to_mask(idx, x.size(1))
+        self.causal_choice = threshold_route(logits.detach())  # what causal mode would have chosen
+        bce = topk_bce_loss(logits, self.routed_mask)  # targets per row; trains router or predictor
+        if kernels.use_triton(x, self.kernel_impl):
+            return self.add_update_fused(x, scores, idx), bce
+        return self.add_update(x, scores, idx), bce
+
+    def forward_causal(self, x):
+        """A whole sequence, each token deciding alone. Rows route different counts: they are
+        packed, padding after the real tokens, so one batched pass serves them all."""
+        scores = self.router(x)
+        self.routed_mask = self.causal_choice = threshold_route(self.causal_logits(x, scores))
+        if not self.routed_mask.any():
+            return x
+        idx, valid = pack_mask(self.routed_mask)
+        return self.add_update(x, scores, idx, valid)
+
+    def decode(self, x, cache):
+        """New tokens against the KV cache, each row on its own: its cache holds only the tokens it
+        routed, and a token that skips the block writes nothing there."""
+        scores = self.router(x)
+        self.routed_mask = self.causal_choice = threshold_route(self.causal_logits(x, scores))
+        rows = []
+        for b in range(x.size(0)):
+            idx = self.routed_mask[b].nonzero().T  # (1, m): the new tokens this row routes
+            if idx.numel() == 0:
+                rows.append(x[b:b + 1])
+            else:
+                rows.append(self.add_update(x[b:b + 1], scores[b:b + 1], idx, cache=cache.row(b)))
+        return torch.cat(rows)
 
 
-def routes(layer, vcfg):
+def routes(layer, settings):
     """Whether block `layer` (0-based) is routed: every route_every-th, starting at route_every-1."""
-    return layer % vcfg.route_every == vcfg.route_every - 1
+    return layer % settings.route_every == settings.route_every - 1
 
 
 class MoDGPT(GPT):
@@ -162,24 +188,24 @@ class MoDGPT(GPT):
     routing_mode: "topk" (training; per-sequence top-k, peeks at the future) or "causal" (each
     token decides alone; what generation uses and what the honest val loss measures)."""
 
-    def __init__(self, config, vcfg):
+    def __init__(self, config, settings):
         super().__init__(config)
-        if not any(routes(i, vcfg) for i in range(config.n_layer)):
-            raise ValueError(f"--route_every {vcfg.route_every} routes no block of a {config.n_layer}-layer model")
+        if not any(routes(i, settings) for i in range(config.n_layer)):
+            raise ValueError(f"--route_every {settings.route_every} routes no block of a {config.n_layer}-layer model")
         self.transformer.h = nn.ModuleList(
-            RoutedBlock(block, config.n_embd, vcfg) if routes(i, vcfg) else block
+            RoutedBlock(block, config.n_embd, settings) if routes(i, settings) else block
             for i, block in enumerate(self.transformer.h)
         )
         for block in self.routed_blocks().values():
             block.router.apply(self._init_weights)  # the trunk was initialised by GPT already
             if block.predictor is not None:
                 block.predictor.apply(self._init_weights)
-        self.vcfg = vcfg
+        self.settings = settings
         self.routing_mode = "topk"
-        if vcfg.causal_method == "aux_loss":
-            self.loss_weights = {"router_bce": vcfg.aux_loss_coef}
+        if settings.causal_method == "aux_loss":
+            self.loss_weights = {"router_bce": settings.aux_loss_coef}
         else:
-            self.loss_weights = {"predictor_bce": vcfg.predictor_coef}
+            self.loss_weights = {"predictor_bce": settings.predictor_coef}
 
     def routed_blocks(self):
         """{layer index: RoutedBlock}"""
@@ -280,7 +306,7 @@ class MoDGPT(GPT):
         router's (and predictor's) weights for every token."""
         T = seq_len or self.config.block_size
         d = self.config.n_embd
-        c = capacity_to_k(self.vcfg.capacity, T) / T
+        c = capacity_to_k(self.settings.capacity, T) / T
         flops = 6 * d * self.config.vocab_size  # LM head
         for block in self.transformer.h:
             if isinstance(block, RoutedBlock):
@@ -296,9 +322,9 @@ class MoDGPT(GPT):
     # --- from a trained dense model --------------------------------------------------------
 
     @classmethod
-    def from_dense(cls, dense, vcfg):
+    def from_dense(cls, dense, settings):
         """MoD with the dense model's weights in every block (routed ones wrap them) and fresh routers."""
-        model = cls(dense.config, vcfg)
+        model = cls(dense.config, settings)
         with torch.no_grad():
             for name in ("wte", "wpe", "ln_f"):
                 getattr(model.transformer, name).load_state_dict(getattr(dense.transformer, name).state_dict())

@@ -49,7 +49,7 @@ def dense_reference(routed_block, x, selected):
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     attn = block.attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
     f = attn + block.mlp_update(x + attn)
-    w = torch.sigmoid(routed_block.router(x))
+    w = torch.sigmoid(routed_block.router(x)).unsqueeze(-1)
     return torch.where(selected[..., None], x + w * f, x)
 
 
@@ -96,7 +96,7 @@ def test_zeroed_output_projections_make_the_routed_block_the_identity():
 def test_topk_routing_matches_a_dense_reference_with_the_routed_attention_mask():
     block = tiny_routed_block(capacity=0.25)
     x = torch.randn(3, 16, CONFIG["n_embd"])
-    scores = block.router(x).squeeze(-1)
+    scores = block.router(x)
     selected = scores >= scores.topk(4, dim=-1).values[:, -1:]  # the 4 highest of each row
     out, _ = block(x, "topk")
     assert torch.equal(block.routed_mask, selected)
@@ -106,7 +106,7 @@ def test_topk_routing_matches_a_dense_reference_with_the_routed_attention_mask()
 def test_causal_routing_of_a_batch_matches_the_dense_reference_row_by_row():
     block = tiny_routed_block()
     x = torch.randn(4, 16, CONFIG["n_embd"])
-    selected = torch.sigmoid(block.router(x).squeeze(-1)) > 0.5
+    selected = torch.sigmoid(block.router(x)) > 0.5
     assert len(set(selected.sum(dim=1).tolist())) > 1  # rows route different numbers of tokens
     out, _ = block(x, "causal")
     assert torch.equal(block.routed_mask, selected)
@@ -333,7 +333,7 @@ def test_gpt2_small_at_1024_tokens_has_a_flop_ceiling_near_one_and_a_half():
 
 def test_the_fused_kernels_are_opt_in():
     assert MoDConfig().kernels == "torch"
-    assert tiny_mod().routed_blocks()[1].kernels == "torch"
+    assert tiny_mod().routed_blocks()[1].kernel_impl == "torch"
 
 
 @pytest.mark.parametrize("settings, flag", [
