@@ -49,7 +49,7 @@ def test_bench_rejects_unknown_flags():
 def test_bench_measures_trained_checkpoints_on_their_val_set(dataset, tmp_path, capsys):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     train.main(tiny_flags(dataset, base, max_iters=6, dropout=0.0))
-    train.main(tiny_flags(dataset, tuned, variant="router_tuning", init_from=base, max_iters=6, skip_layers="1"))
+    train.main(tiny_flags(dataset, tuned, variant="router_tuning", init_from=base, max_iters=6, skip_layers="0"))
     capsys.readouterr()
     bench.main([f"--checkpoints={base},{tuned}", "--prefill=True", "--repeats=1", "--device=cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
