@@ -156,13 +156,14 @@ class MindSkipGPT(GPT):
                 continue
             if skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
                 x = x + block.attn_update(x, self.layer_cache(cache, i))
-            gate = self.gate(i, block, x, cache)
+            h = (block.ln_2 if skip == "mlp" else block.ln_1)(x)  # the gated sublayer's input; its router reads it too
+            gate = self.gate(i, h, cache)
             if self.training:
-                x = self.gated_sublayer(block, x, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
+                x = self.gated_sublayer(block, x, h, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
             elif self.settings.router_level == "sequence":
-                x = self.skip_closed_rows(i, block, x, gate, cache)
+                x = self.skip_closed_rows(i, block, x, h, gate, cache)
             else:
-                x = self.skip_closed_tokens(i, block, x, gate, cache)
+                x = self.skip_closed_tokens(i, block, x, h, gate, cache)
             if skip == "attn":
                 x = x + block.mlp_update(x)
             gates.append(gate)
@@ -177,31 +178,31 @@ class MindSkipGPT(GPT):
         """Layer i's KVCache when every row writes to it (ungated attention)."""
         return None if cache is None else cache.kv.setdefault(i, KVCache())
 
-    def gate(self, i, block, x, cache):
-        """Layer i's gate: (B,) or (B, T) in {0, 1}; a sequence gate is replayed from the cache
-        once the prompt has decided it."""
+    def gate(self, i, h, cache):
+        """Layer i's gate on h, the gated sublayer's LayerNorm output: (B,) or (B, T) in {0, 1};
+        a sequence gate is replayed from the cache once the prompt has decided it."""
         if cache is not None and i in cache.decisions:
             return cache.decisions[i].float()  # decided on the prompt; decode steps reuse it
-        norm = block.ln_2 if self.settings.skip == "mlp" else block.ln_1  # the gated sublayer's input
         # at training and evaluation a sequence gate sees the full sequence (as in the paper);
         # when generating, it sees the prompt only
-        gate = self.routers[str(i)](norm(x))
+        gate = self.routers[str(i)](h)
         if cache is not None and self.settings.router_level == "sequence":
             cache.decisions[i] = gate.detach() > 0
         return gate
 
-    def gated_sublayer(self, block, x, g, kv):
-        """x + g * f(x) for the sublayer --skip names; g broadcasts over x's rows and tokens."""
+    def gated_sublayer(self, block, x, h, g, kv):
+        """x + g * f(x) for the sublayer --skip names, f reading h = its LayerNorm of x (computed
+        once for the router and the sublayer); g broadcasts over x's rows and tokens."""
         if self.settings.skip == "attn":
-            return x + g * block.attn_update(x, kv)
+            return x + g * block.attn(h, kv)
         if self.settings.skip == "mlp":
-            return x + g * block.mlp_update(x)
+            return x + g * block.mlp(h)
         # block: one g on both sublayers. For g in {0, 1} this is x + g * (Block(x) - x), and
         # with g = 1 it gives the dense block's bits exactly (x + (Block(x) - x) would not)
-        x = x + g * block.attn_update(x, kv)
+        x = x + g * block.attn(h, kv)
         return x + g * block.mlp_update(x)
 
-    def skip_closed_rows(self, i, block, x, gate, cache):
+    def skip_closed_rows(self, i, block, x, h, gate, cache):
         """Sequence gates at inference: when every row agrees the sublayer runs on the whole
         batch or not at all; otherwise only the open rows are selected and computed."""
         open_rows = gate > 0  # (B,)
@@ -210,25 +211,25 @@ class MindSkipGPT(GPT):
             return x  # no work and no cache
         kv = self.layer_cache(cache, i) if kv_layer else None
         if open_rows.all():
-            return self.gated_sublayer(block, x, 1.0, kv)
+            return self.gated_sublayer(block, x, h, 1.0, kv)
         # decisions are fixed for a whole generation, so this cache always holds the same rows
         rows = open_rows.nonzero().squeeze(1)
-        return x.index_copy(0, rows, self.gated_sublayer(block, x.index_select(0, rows), 1.0, kv))
+        return x.index_copy(0, rows, self.gated_sublayer(block, x.index_select(0, rows), h.index_select(0, rows), 1.0, kv))
 
-    def skip_closed_tokens(self, i, block, x, gate, cache):
+    def skip_closed_tokens(self, i, block, x, h, gate, cache):
         """Token gates at inference. Open tokens are gathered, each row on its own (rows open
         different numbers of tokens), so a closed token is neither a query nor a key here."""
         open_tokens = gate > 0  # (B, T)
         kv_layer = cache is not None and self.settings.skip != "mlp"
         if not kv_layer and open_tokens.all():
-            return self.gated_sublayer(block, x, 1.0, None)
+            return self.gated_sublayer(block, x, h, 1.0, None)
         x = x.clone()
         for b in range(x.size(0)):
             idx = open_tokens[b].nonzero().squeeze(1)  # ascending: keeps causal order
             if idx.numel() == 0:
                 continue
             kv = cache.kv.setdefault(i, {}).setdefault(b, KVCache()) if kv_layer else None
-            x[b, idx] = self.gated_sublayer(block, x[b, idx][None], 1.0, kv)[0]
+            x[b, idx] = self.gated_sublayer(block, x[b, idx][None], h[b, idx][None], 1.0, kv)[0]
         return x
 
     @torch.no_grad()
