@@ -109,13 +109,24 @@ def group_by_module(chosen, n_modules):
     return order[:sum(counts)], counts
 
 
-def by_module(pool, rows, counts):
-    """(module, its contiguous slice of rows) for every module somebody chose."""
-    start = 0
+def by_module(pool, rows, counts, fn):
+    """fn(module, its contiguous slice of rows) for every module somebody chose, concatenated in
+    slot order (a single chosen module, the usual case at decode, needs no concatenation)."""
+    outs, start = [], 0
     for module, count in zip(pool, counts):
         if count:
-            yield module, rows[start:start + count]
+            outs.append(fn(module, rows[start:start + count]))
         start += count
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def weighted_sum(out, probs, chosen, slots):
+    """Module outputs in slot order (S, C) -> (B, T, C) = sum_k p_jk * output of choice k of
+    token j, SKIP adding nothing. The outputs go back to their slots with one index_copy (each
+    slot once, so no scatter-add), then the K choices of a token are summed."""
+    B, T, K = chosen.shape
+    weighted = probs.gather(-1, chosen).reshape(-1)[slots, None] * out
+    return weighted.new_zeros(B * T * K, out.size(-1)).index_copy(0, slots, weighted).view(B, T, K, -1).sum(2)
 
 
 def split_heads(t, n_head):
@@ -238,24 +249,22 @@ class MoMChunk(nn.Module):
             return torch.zeros_like(x)  # every token chose SKIP
         token = slots // K
         rows = x.reshape(B * T, C)[token]  # one gather: each module's tokens sit together
-        qkv_sorted = torch.cat([m.attn.c_attn(m.ln_1(part)) for m, part in by_module(self.attn_pool, rows, counts)])
+        qkv_sorted = by_module(self.attn_pool, rows, counts, lambda m, part: m.attn.c_attn(m.ln_1(part)))
         dropout_p = self.config.dropout if self.training else 0.0
+        qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted).view(B, T, K, 3 * C)
         if self.assembly == "official":  # q/k/v summed over a token's modules; SKIP = zero key and value
-            qkv = qkv_sorted.new_zeros(B * T, 3 * C).index_add(0, token, qkv_sorted)
-            y = causal_attention(qkv.view(B, T, 3 * C), n_head, None if caches is None else caches[0], dropout_p)
+            y = causal_attention(qkv.sum(2), n_head, None if caches is None else caches[0], dropout_p)
             y = y.reshape(B * T, C)[token]
         else:  # assembly k = the k-th choices of all tokens, attention among its non-SKIP tokens
-            qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted)
-            qkv = qkv.view(B, T, K, 3 * C).permute(2, 0, 1, 3).reshape(K * B, T, 3 * C)
+            qkv = qkv.permute(2, 0, 1, 3).reshape(K * B, T, 3 * C)
             keep = (chosen != N).permute(2, 0, 1).reshape(K * B, T)
             if caches is None:
                 y = attention_among(qkv, keep, n_head, dropout_p)
             else:
                 y = cached_attention_among(qkv, keep, n_head, caches)
             y = y.view(K, B, T, C).permute(1, 2, 0, 3).reshape(B * T * K, C)[slots]
-        out = torch.cat([m.attn.resid_dropout(m.attn.c_proj(part)) for m, part in by_module(self.attn_pool, y, counts)])
-        weight = probs.gather(-1, chosen).reshape(-1)[slots, None]
-        return torch.zeros_like(x).view(B * T, C).index_add(0, token, (weight * out).to(x.dtype)).view(B, T, C)
+        out = by_module(self.attn_pool, y, counts, lambda m, part: m.attn.resid_dropout(m.attn.c_proj(part)))
+        return weighted_sum(out, probs, chosen, slots).to(x.dtype)
 
     def ffn_assembly(self, x, probs, chosen):
         """sum_k p_jk * F_{m_jk}(x_j): each module runs once, on its contiguous slice of tokens."""
@@ -265,9 +274,8 @@ class MoMChunk(nn.Module):
             return torch.zeros_like(x)
         token = slots // self.K
         rows = x.reshape(B * T, C)[token]
-        out = torch.cat([m.mlp(m.ln_2(part)) for m, part in by_module(self.ffn_pool, rows, counts)])
-        weight = probs.gather(-1, chosen).reshape(-1)[slots, None]
-        return torch.zeros_like(x).view(B * T, C).index_add(0, token, (weight * out).to(x.dtype)).view(B, T, C)
+        out = by_module(self.ffn_pool, rows, counts, lambda m, part: m.mlp(m.ln_2(part)))
+        return weighted_sum(out, probs, chosen, slots).to(x.dtype)
 
 
 class MoMGPT(GPT):
