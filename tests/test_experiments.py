@@ -45,3 +45,28 @@ def test_isoflop_smoke_writes_one_row_per_run_and_a_png(dataset, tmp_path, capsy
     assert all(float(r["val_loss"]) > 0 and int(r["steps"]) > 0 for r in rows)
     mod_isoflop.main(argv)  # a second call finds every run finished and trains nothing
     assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+def test_capacity_smoke_has_a_row_per_capacity_and_frequency_plus_the_baseline(dataset, tmp_path):
+    import mod_capacity
+    rows, _ = run_smoke(mod_capacity, dataset, tmp_path)
+    assert len(rows) == 1 + 2 * 2
+    mod = [r for r in rows if r["variant"] == "mod"]
+    assert {(r["capacity"], r["route_every"]) for r in mod} == {("0.25", "1"), ("0.25", "2"), ("1.0", "1"), ("1.0", "2")}
+    cheap, full = (next(r for r in mod if r["capacity"] == c and r["route_every"] == "1") for c in ("0.25", "1.0"))
+    assert int(cheap["steps"]) > int(full["steps"])  # equal FLOPs: the cheaper model takes more steps
+
+
+def test_routing_smoke_draws_the_routing_figure_of_a_trained_model(dataset, tmp_path):
+    import mod_routing
+    rows, _ = run_smoke(mod_routing, dataset, tmp_path)
+    assert len(rows) == 1 and float(rows[0]["routed_frac_passage_topk"]) == pytest.approx(0.125)
+
+
+def test_decode_smoke_measures_speed_and_kv_bytes_of_every_model(dataset, tmp_path):
+    import mod_decode
+    rows, _ = run_smoke(mod_decode, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["baseline", "mod-C0.25", "mod-C1.0"]
+    assert all(float(r["decode_tokens_per_s"]) > 0 and int(r["kv_cache_bytes"]) > 0 for r in rows)
+    kv = {r["run"]: int(r["kv_cache_bytes"]) for r in rows}
+    assert kv["mod-C1.0"] <= kv["baseline"]  # a skipped block writes no key
