@@ -1,0 +1,72 @@
+"""experiments/: each script's smoke preset runs train.py end to end and writes its CSV and PNG."""
+
+import csv
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments"))
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A tiny character dataset: random tokens from a 16-symbol vocabulary."""
+    folder = tmp_path / "chars"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4000), ("val", 600)):
+        rng.integers(0, 16, n).astype(np.uint16).tofile(folder / f"{split}.bin")
+    chars = [chr(ord("a") + i) for i in range(16)]
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 16, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return str(folder)
+
+
+def run_smoke(module, dataset, tmp_path):
+    argv = ["--preset=smoke", f"--dataset={dataset}", f"--runs_dir={tmp_path / 'runs'}",
+            f"--results_dir={tmp_path / 'results'}", f"--assets_dir={tmp_path / 'assets'}"]
+    module.main(argv)
+    with open(tmp_path / "results" / f"{module.NAME}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert (tmp_path / "assets" / f"{module.NAME}.png").read_bytes()[:8] == PNG_MAGIC
+    return rows, argv
+
+
+def test_isoflop_smoke_writes_one_row_per_run_and_a_png(dataset, tmp_path, capsys):
+    import mod_isoflop
+    rows, argv = run_smoke(mod_isoflop, dataset, tmp_path)
+    assert len(rows) == 4 and {r["variant"] for r in rows} == {"baseline", "mod"}
+    assert all(float(r["val_loss"]) > 0 and int(r["steps"]) > 0 for r in rows)
+    mod_isoflop.main(argv)  # a second call finds every run finished and trains nothing
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+def test_capacity_smoke_has_a_row_per_capacity_and_frequency_plus_the_baseline(dataset, tmp_path):
+    import mod_capacity
+    rows, _ = run_smoke(mod_capacity, dataset, tmp_path)
+    assert len(rows) == 1 + 2 * 2
+    mod = [r for r in rows if r["variant"] == "mod"]
+    assert {(r["capacity"], r["route_every"]) for r in mod} == {("0.25", "1"), ("0.25", "2"), ("1.0", "1"), ("1.0", "2")}
+    cheap, full = (next(r for r in mod if r["capacity"] == c and r["route_every"] == "1") for c in ("0.25", "1.0"))
+    assert int(cheap["steps"]) > int(full["steps"])  # equal FLOPs: the cheaper model takes more steps
+
+
+def test_routing_smoke_draws_the_routing_figure_of_a_trained_model(dataset, tmp_path):
+    import mod_routing
+    rows, _ = run_smoke(mod_routing, dataset, tmp_path)
+    assert len(rows) == 1 and float(rows[0]["routed_frac_passage_topk"]) == pytest.approx(0.125)
+
+
+def test_decode_smoke_measures_speed_and_kv_bytes_of_every_model(dataset, tmp_path):
+    import mod_decode
+    rows, _ = run_smoke(mod_decode, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["baseline", "mod-C0.25", "mod-C1.0"]
+    assert all(float(r["decode_tokens_per_s"]) > 0 and int(r["kv_cache_bytes"]) > 0 for r in rows)
+    kv = {r["run"]: int(r["kv_cache_bytes"]) for r in rows}
+    assert kv["mod-C1.0"] <= kv["baseline"]  # a skipped block writes no key
