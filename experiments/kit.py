@@ -48,8 +48,8 @@ def model_stats(flags):
     Non-embedding: every parameter but the token and position embeddings (the LM head is tied
     to the token embedding, so it is not counted either)."""
     import train
-    cfg, settings = train.parse_args(flag_list({k: v for k, v in flags.items() if k != "out_dir"}))
-    model, _ = train.build_model(cfg, settings)
+    cfg, settings, _ = train.parse_args(flag_list({k: v for k, v in flags.items() if k != "out_dir"}))
+    model = train.build_model(cfg, settings)
     embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
     params = sum(p.numel() for p in model.parameters()) - embeddings
     return params, model.flops_per_token()

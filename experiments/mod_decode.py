@@ -80,12 +80,12 @@ def main(argv=None):
     if args.preset == "gpu":
         kit.confirm_gpu(runs, args.yes)
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
-    import train
+    import checkpoint
     rows = []
     for name, flags in runs:
-        model, _ = train.load_model(out_dirs[name])
+        model, _ = checkpoint.load_model(out_dirs[name])
         model.eval()
-        val = np.fromfile(train.data_dir(flags["dataset"]) / "val.bin", dtype=np.uint16)
+        val = np.fromfile(checkpoint.data_dir(flags["dataset"]) / "val.bin", dtype=np.uint16)
         prompt = torch.from_numpy(val[:preset["prompt"]].astype(np.int64)).unsqueeze(0)
         speed, nbytes = decode(model, prompt, preset["repeats"])
         rows.append({**kit.summarize(name, flags, out_dirs[name]), "capacity": flags.get("capacity", 1.0),

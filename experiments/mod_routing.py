@@ -12,7 +12,6 @@ The trained model is read through a small surface of mod.py: MoDGPT.routing(mode
 and on each routed block its `router` (the Linear giving r) and `routed_mask` after a forward.
 """
 
-import pickle
 
 import numpy as np
 import torch
@@ -110,13 +109,12 @@ def main(argv=None):
     if args.preset == "gpu":
         kit.confirm_gpu(runs, args.yes)
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
-    import train
+    import checkpoint
     name, flags = runs[0]
-    model, ckpt = train.load_model(out_dirs[name])
+    model, ckpt = checkpoint.load_model(out_dirs[name])
     model.eval()
-    folder = train.data_dir(flags["dataset"])
-    with open(folder / "meta.pkl", "rb") as f:
-        itos = pickle.load(f)["itos"]
+    folder = checkpoint.data_dir(flags["dataset"])
+    itos = checkpoint.read_meta(folder)["itos"]
     val = torch.from_numpy(np.fromfile(folder / "val.bin", dtype=np.uint16).astype(np.int64))
     windows = min(preset["windows"], len(val) // model.config.block_size)
     extra = draw(model, val, itos, windows, kit.read_log(out_dirs[name]), f"{args.assets_dir}/{NAME}.png")

@@ -1,7 +1,6 @@
 """experiments/: each script's smoke preset runs train.py end to end and writes its CSV and PNG."""
 
 import csv
-import pickle
 import sys
 from pathlib import Path
 
@@ -9,23 +8,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "experiments"))  # the scripts import their helper module `kit` as run from there
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    """A tiny character dataset: random tokens from a 16-symbol vocabulary."""
-    folder = tmp_path / "chars"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4000), ("val", 600)):
-        rng.integers(0, 16, n).astype(np.uint16).tofile(folder / f"{split}.bin")
-    chars = [chr(ord("a") + i) for i in range(16)]
-    with open(folder / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 16, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f)
-    return str(folder)
 
 
 def run_smoke(module, dataset, tmp_path):
