@@ -16,7 +16,7 @@ PRESETS = {
               "targets": [0.5], "seeds": [1337], "levels": ["sequence"],
               "train": dict(n_layer=4, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=1,
                             log_interval=1000, device="cpu")},
-    "cpu": {"dataset": "shakespeare_char", "dense_steps": 1500, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
+    "cpu": {"dataset": "shakespeare_char", "dense_steps": 1000, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
             "train": dict(n_layer=6, n_head=4, n_embd=128, block_size=64, batch_size=12, eval_iters=10,
                           log_interval=1000, device="cpu", compile=False)},
