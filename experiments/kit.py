@@ -14,7 +14,9 @@ Parameters and FLOPs per token are computed from the model train.py builds for t
 import argparse
 import csv
 import json
+import os
 import math
+import resource
 import subprocess
 import sys
 import time
@@ -103,14 +105,20 @@ def run_all(runs, runs_dir):
             (out_dir / "log.jsonl").unlink(missing_ok=True)  # a run stopped before its first checkpoint starts over
             action = "starting"
         print(f"[run {i + 1}/{len(runs)}] {name}: {action}{eta}\n  python train.py {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        done = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO,
+        t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # one thread unless the caller says otherwise: these tiny models gain little from a second
+        # one, and on a shared machine two threads spend most of their time waiting for each other
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"run {name} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         spent_seconds += time.time() - t0
         spent_flops += cost
-        print(f"  done in {time.time() - t0:.0f}s", flush=True)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+        # CPU seconds: what the run costs on a machine it does not share (wall time depends on the load)
+        print(f"  done in {time.time() - t0:.0f}s wall, {cpu:.0f} CPU seconds", flush=True)
     return out_dirs
 
 

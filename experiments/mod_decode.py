@@ -11,6 +11,7 @@ Decoding uses the models' own generate() (MoD decides causally, token by token),
 and kv_cache_nbytes(); tokens/s is the best of `repeats` runs, each model in turn.
 """
 
+import os
 import time
 
 import numpy as np
@@ -81,6 +82,7 @@ def main(argv=None):
         kit.confirm_gpu(runs, args.yes)
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
     import checkpoint
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # as the training runs (kit.py)
     rows = []
     for name, flags in runs:
         model, _ = checkpoint.load_model(out_dirs[name])

@@ -38,7 +38,7 @@ def plan(preset, dataset):
                 flags = {**base, **extra, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
                 _, fpt = kit.model_stats(flags)
                 flags = kit.schedule(flags, kit.steps_for_budget(budget, fpt, flags))
-                runs.append((f"{budget:.0e}-{variant}-L{n_layer}-d{n_embd}", {**flags, "_budget": budget}))
+                runs.append((f"{budget:g}-{variant}-L{n_layer}-d{n_embd}", {**flags, "_budget": budget}))
     return runs
 
 
@@ -55,7 +55,7 @@ def draw(rows, runs_by_name, path):
             pts = sorted((r["params"], r[key]) for r in rows if r["budget"] == budget and r["variant"] == variant)
             if not pts:
                 continue
-            label = f"{variant}{' top-k' if key.endswith('topk') else (' causal' if variant == 'mod' else '')}, {budget:.0e} FLOPs"
+            label = f"{variant}{' top-k' if key.endswith('topk') else (' causal' if variant == 'mod' else '')}, {budget:g} FLOPs"
             color = colors[(2 * j + (variant == "mod")) % len(colors)]
             left.plot(*zip(*pts), style, color=color, label=label, alpha=0.6 if ":" in style else 1.0)
             best = min(pts, key=lambda p: p[1])
@@ -76,7 +76,7 @@ def draw(rows, runs_by_name, path):
                    label=f"best {variant}: L{best['n_layer']} d{best['n_embd']}")
     right.set_xlabel("training seconds (evaluation excluded)")
     right.set_ylabel("val loss (MoD: causal)")
-    right.set_title(f"wall clock, budget {budgets[-1]:.0e} FLOPs")
+    right.set_title(f"wall clock, budget {budgets[-1]:g} FLOPs")
     right.legend(fontsize=8)
     kit.save_figure(fig, path)
 

@@ -55,3 +55,10 @@ def test_decode_smoke_measures_speed_and_kv_bytes_of_every_model(dataset, tmp_pa
     assert all(float(r["decode_tokens_per_s"]) > 0 and int(r["kv_cache_bytes"]) > 0 for r in rows)
     kv = {r["run"]: int(r["kv_cache_bytes"]) for r in rows}
     assert kv["mod-C1.0"] <= kv["baseline"]  # a skipped block writes no key
+
+
+def test_router_tuning_frontier_smoke_tunes_on_its_own_dense_model(dataset, tmp_path):
+    import rt_frontier
+    rows, _ = run_smoke(rt_frontier, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["dense", "sequence-attn-t0.5-s1337", "sequence-block-t0.5-s1337"]
+    assert all(0 <= float(r["val_capacity"]) <= 1 for r in rows[1:])
