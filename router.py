@@ -1,8 +1,8 @@
 """
-Routing math shared by Mixture-of-Depths, Mixture-of-Modules and MindSkip.
+The routers of Mixture-of-Depths, Mixture-of-Modules and MindSkip, side by side.
 
-Each function is a few lines and computes the formula in its docstring; the technique files
-decide where to call them.
+Each function or class computes the formula in its docstring; the technique files decide where
+to call them (the block-level logic stays there).
 """
 
 import math
