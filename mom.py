@@ -181,20 +181,16 @@ def cached_attention_among(qkv, keep, n_head, caches):
 
 
 class MoMCache:
-    """Generation cache: one KVCache per dense layer, and for every chunk and step one KVCache per
-    attention row (per (assembly k, batch row) for per_module, per batch row for official)."""
+    """Generation cache: one KVCache per dense block (bottom, anchors, top), and for every chunk
+    and step the KVCaches of its attention rows (one per (assembly k, batch row) for per_module,
+    one for the whole batch for official), made when the step first runs."""
 
-    def __init__(self, n_dense, steps_per_chunk):
-        self.dense = [KVCache() for _ in range(n_dense)]
-        self.steps = [[[] for _ in range(steps)] for steps in steps_per_chunk]
-
-    def step(self, chunk, h, n_rows):
-        if not self.steps[chunk][h]:
-            self.steps[chunk][h] = [KVCache() for _ in range(n_rows)]
-        return self.steps[chunk][h]
+    def __init__(self, bottom, chunks, top, steps):
+        self.bottom, self.anchors, self.top = ([KVCache() for _ in range(n)] for n in (bottom, chunks, top))
+        self.steps = [[[] for _ in range(steps)] for _ in range(chunks)]
 
     def __iter__(self):  # every KVCache, so that GPT.kv_cache_nbytes counts this cache like a dense one
-        yield from self.dense
+        yield from (*self.bottom, *self.anchors, *self.top)
         yield from (c for steps in self.steps for caches in steps for c in caches)
 
 
@@ -221,13 +217,16 @@ class MoMChunk(nn.Module):
         probs = logits.softmax(dim=-1)
         return probs, probs.topk(self.K, dim=-1).indices, state  # ranked: assembly k takes the k-th choice
 
-    def forward(self, x, caches=None):
-        """caches: None, or (one list of KVCaches per step, the anchor's KVCache)."""
+    def forward(self, x, cache=None, anchor_cache=None):
+        """cache: None, or this chunk's list of per-step KVCache lists from MoMCache.steps."""
+        if cache is not None and not cache[0]:  # first call: one KVCache per attention row
+            rows = x.size(0) * self.K if self.assembly == "per_module" else 1
+            cache[:] = [[KVCache() for _ in range(rows)] for _ in cache]
         attn_state = ffn_state = None  # GRU states: one per token, carried across the H steps
         record = {"attn_probs": [], "attn": [], "ffn_probs": [], "ffn": []}
         for h in range(self.steps):
             probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
-            x = x + self.attention_assembly(x, probs, chosen, None if caches is None else caches[0](h))
+            x = x + self.attention_assembly(x, probs, chosen, None if cache is None else cache[h])
             record["attn_probs"].append(probs)
             record["attn"].append(chosen)
             probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
@@ -235,7 +234,7 @@ class MoMChunk(nn.Module):
             record["ffn_probs"].append(probs)
             record["ffn"].append(chosen)
         if self.anchor is not None:
-            x = self.anchor(x, None if caches is None else caches[1])
+            x = self.anchor(x, anchor_cache)
         return x, {name: torch.stack(values) for name, values in record.items()}  # (H, B, T, ...)
 
     def attention_assembly(self, x, probs, chosen, caches=None):
@@ -309,25 +308,18 @@ class MoMGPT(GPT):
 
     # --- the GPT seam -------------------------------------------------------------------------
 
-    def dense_blocks(self):
-        """Every dense block in the order it runs: bottom, anchors, top."""
-        return [*self.bottom, *(c.anchor for c in self.chunks if c.anchor is not None), *self.top]
-
     def forward_trunk(self, x, cache=None):
-        dense_cache = iter(cache.dense) if cache is not None else None
-        for block in self.bottom:
-            x = block(x, None if cache is None else next(dense_cache))
+        def part(name, i):  # this part's cache, or None without one
+            return None if cache is None else getattr(cache, name)[i]
+
+        for i, block in enumerate(self.bottom):
+            x = block(x, part("bottom", i))
         routing = []
         for c, chunk in enumerate(self.chunks):
-            caches = None
-            if cache is not None:
-                rows = x.size(0) * chunk.K if chunk.assembly == "per_module" else 1
-                caches = (lambda h, c=c, rows=rows: cache.step(c, h, rows),
-                          next(dense_cache) if chunk.anchor is not None else None)
-            x, record = chunk(x, caches)
+            x, record = chunk(x, part("steps", c), part("anchors", c))
             routing.append(record)
-        for block in self.top:
-            x = block(x, None if cache is None else next(dense_cache))
+        for i, block in enumerate(self.top):
+            x = block(x, part("top", i))
         self.last_routing = [{k: v.detach() for k, v in r.items() if not k.endswith("probs")} for r in routing]
         return x, {"mom_balance": self.balance_loss(routing)}
 
@@ -344,7 +336,8 @@ class MoMGPT(GPT):
         return torch.stack(terms).mean()
 
     def new_cache(self):
-        return MoMCache(self.n_dense, [c.steps for c in self.chunks])
+        s = self.settings
+        return MoMCache(s.bottom_layers, s.chunks, s.top_layers, s.assembly_steps)
 
     def kept(self, record):
         """(attention, FFN) masks (H, B, T, K) of the choices that took a real module."""
