@@ -16,11 +16,18 @@ would reach. Memory is peak CUDA memory on a GPU, and the bytes autograd saved f
 backward pass (activations) on CPU, where no allocator peak is exposed.
 A variant's own flags (e.g. --capacity for mod) apply to that variant's row.
 
+Every model is measured in --repeats rounds, all variants interleaved within a round, so a busy
+machine slows them alike; the median round counts, and the spread (max - min) / median of the
+rounds is printed with a warning over 10%. --decode=True reports MoD at four capacities (its
+untrained routers' bias set so that causal routing sends that share of tokens through) and, when
+the transformers package is installed, its GPT2LMHeadModel.generate at the same dims.
+
 With --checkpoints the rows are trained models instead (the first is the reference for the
 ratios): --decode=True generates from a prompt taken from their val set, and --prefill=True
 runs their whole val set through the model once (val loss, each mode's metrics, forward time).
 """
 
+import csv
 import dataclasses
 import sys
 import time
@@ -43,7 +50,7 @@ class BenchConfig:
     block_size: int = 256
     vocab_size: int = 50304
     batch_size: int = 8
-    steps: int = 10  # timed steps per variant, after warmup
+    steps: int = 10  # timed steps per variant and round, after warmup
     warmup: int = 3
     device: str = "auto"
     dtype: str = "float32"  # float32 | bfloat16
@@ -57,7 +64,8 @@ class BenchConfig:
     checkpoints: str = ""  # comma-separated checkpoint dirs/files: measure these trained models instead
     prefill: bool = False  # with --checkpoints: val loss and forward time over the whole val set
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
-    repeats: int = 5  # with --prefill: timed passes per model (interleaved), median reported
+    repeats: int = 5  # timed rounds, the variants interleaved in each (training, decode, prefill); median reported
+    csv: str = ""  # also write the rows to this CSV file (for plotting)
 
     def __post_init__(self):
         for flag in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps",
@@ -131,32 +139,79 @@ def saved_activation_bytes(model, x, y):
     return total
 
 
-def time_training(model, cfg, device, autocast):
-    """Median seconds of a full training step."""
+def training_step(model, cfg, device, autocast):
+    """A function running one full training step (forward, backward, AdamW) on fixed random tokens."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step_model = torch.compile(model) if cfg.compile else model
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=g).to(device)
     y = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), generator=g).to(device)
-    times = []
-    for i in range(cfg.warmup + cfg.steps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step():
         with autocast:
             _, loss, aux = step_model(x, y)
             loss = loss + sum(model.loss_weights[k] * v for k, v in aux.items())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step, x, y
+
+
+def median_seconds(run, n, device):
+    """Median wall time of n calls of run()."""
+    times = []
+    for _ in range(n):
         sync(device)
-        if i >= cfg.warmup:
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def time_training(model, cfg, device, autocast):
+    """Median seconds of a full training step, and memory (see the module docstring)."""
+    step, x, y = training_step(model, cfg, device, autocast)
+    for _ in range(cfg.warmup):
+        step()
+    seconds = median_seconds(step, cfg.steps, device)
     if device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated()
-    else:
-        with autocast:
-            memory = saved_activation_bytes(model, x, y)
-    return sorted(times)[len(times) // 2], memory
+        return seconds, torch.cuda.max_memory_allocated()
+    with autocast:
+        return seconds, saved_activation_bytes(model, x, y)
+
+
+def interleaved(runs, cfg):
+    """{name: per-round values} for {name: run() -> value}: every round calls every run once, in
+    turn, so that a machine busy with something else slows all of them alike."""
+    rounds = {name: [] for name in runs}
+    for _ in range(cfg.repeats):
+        for name, run in runs.items():
+            rounds[name].append(run())
+    return rounds
+
+
+def median_and_spread(values):
+    """The median of the rounds and their spread, (max - min) / median."""
+    mid = sorted(values)[len(values) // 2]
+    return mid, (max(values) - min(values)) / mid
+
+
+def warn_if_noisy(spreads):
+    worst = max(spreads.values())
+    if worst > 0.10:
+        print(f"# warning: the machine is noisy, rounds spread by up to {worst:.0%} "
+              f"({max(spreads, key=spreads.get)}); trust the ratios less, or run again with more --repeats")
+
+
+def write_csv(path, rows):
+    if path:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# rows written to {path}")
 
 
 def time_decode(model, cfg, device, use_cache, prompt=None):
@@ -300,36 +355,135 @@ def main(argv):
     print("# FLOPs: training FLOPs per token, 6 x matmul weights + 12 d T per attended layer (DESIGN.md)")
     if cfg.compare_kernels:
         return compare_kernels(cfg, settings, config, device, autocast)
-    base = {}
     if cfg.decode:
-        print(f"# greedy decode of {cfg.max_new_tokens} tokens, batch {cfg.decode_batch}")
-        print(f"{'variant':<16}{'cached tok/s':>14}{'uncached tok/s':>16}{'speedup':>9}{'KV bytes':>12}{'KV vs dense':>13}")
-    else:
-        print(f"# training step, batch {cfg.batch_size} x {cfg.block_size} tokens, median of {cfg.steps}")
-        mem_name = "peak MiB" if device.startswith("cuda") else "act. MiB"
-        print(f"{'variant':<16}{'tok/s':>10}{'MFLOPs/tok':>12}{mem_name:>10}{'speed x':>9}{'FLOP ceil':>11}"
-              f"{'of ceil':>9}{'mem x':>8}")
-    for name, vs in settings.items():
-        model = build(name, vs, config, cfg.seed).to(device)
-        if cfg.decode:
-            model.eval()
-            cached, kv = time_decode(model, cfg, device, True)
-            uncached, _ = time_decode(model, cfg, device, False)
-            base.setdefault("kv", kv)
-            print(f"{name:<16}{cached:>14,.0f}{uncached:>16,.0f}{cached / uncached:>8.2f}x{kv:>12,}"
-                  f"{kv / base['kv']:>12.2f}x")
-            continue
+        return bench_decode(cfg, settings, config, device)
+    return bench_training(cfg, settings, config, device, autocast)
+
+
+def bench_training(cfg, settings, config, device, autocast):
+    """One row per variant: tokens/s of a training step, FLOPs, memory, ratios to the baseline."""
+    models = {name: build(name, vs, config, cfg.seed).to(device) for name, vs in settings.items()}
+    memory, steps = {}, {}
+    for name, model in models.items():
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        step, memory = time_training(model, cfg, device, autocast)
+        _, memory[name] = time_training(model, dataclasses.replace(cfg, steps=1), device, autocast)
+        step = training_step(model, cfg, device, autocast)[0]
+        steps[name] = lambda step=step: median_seconds(step, cfg.steps, device)
+    seconds = {name: median_and_spread(r) for name, r in interleaved(steps, cfg).items()}
+    print(f"# training step, batch {cfg.batch_size} x {cfg.block_size} tokens, median of {cfg.repeats} "
+          f"interleaved rounds of {cfg.steps} steps")
+    mem_name = "peak MiB" if device.startswith("cuda") else "act. MiB"
+    print(f"{'variant':<16}{'tok/s':>10}{'MFLOPs/tok':>12}{mem_name:>10}{'speed x':>9}{'FLOP ceil':>11}"
+          f"{'of ceil':>9}{'mem x':>8}{'spread':>8}")
+    rows, base = [], None
+    for name, model in models.items():
         flops = model.flops_per_token(cfg.block_size)
-        tok_s = cfg.batch_size * cfg.block_size / step
-        base.setdefault("tok_s", tok_s), base.setdefault("flops", flops), base.setdefault("mem", memory)
-        speed, ceiling = tok_s / base["tok_s"], base["flops"] / flops
-        print(f"{name:<16}{tok_s:>10,.0f}{flops / 1e6:>12.2f}{memory / 2**20:>10.1f}{speed:>8.2f}x{ceiling:>10.2f}x"
-              f"{speed / ceiling:>8.0%}{memory / base['mem']:>7.2f}x")
-        del model
+        row = dict(variant=name, tok_s=cfg.batch_size * cfg.block_size / seconds[name][0], flops_per_token=flops,
+                   memory_bytes=memory[name], spread=seconds[name][1])
+        base = base or row
+        row.update(speed=row["tok_s"] / base["tok_s"], flop_ceiling=base["flops_per_token"] / flops,
+                   memory_ratio=row["memory_bytes"] / base["memory_bytes"])
+        rows.append(row)
+        print(f"{name:<16}{row['tok_s']:>10,.0f}{flops / 1e6:>12.2f}{row['memory_bytes'] / 2**20:>10.1f}"
+              f"{row['speed']:>8.2f}x{row['flop_ceiling']:>10.2f}x{row['speed'] / row['flop_ceiling']:>8.0%}"
+              f"{row['memory_ratio']:>7.2f}x{row['spread']:>8.0%}")
+    warn_if_noisy({row["variant"]: row["spread"] for row in rows})
+    write_csv(cfg.csv, rows)
 
+
+DECODE_CAPACITIES = (0.125, 0.25, 0.5, 1.0)
+
+
+def route_share(model, capacity, seed):
+    """Set each routed block's router bias so that causal routing sends about `capacity` of the
+    tokens through: an untrained router routes about half of them whatever its capacity is."""
+
+    def calibrate(block, args):
+        scores = block.router(args[0]).flatten()
+        threshold = torch.quantile(scores, 1 - capacity) if capacity < 1 else scores.min() - 1
+        block.router.bias -= threshold  # the bias never changes top-k; here it moves the causal cut
+
+    hooks = [block.register_forward_pre_hook(calibrate) for block in model.routed_blocks().values()]
+    tokens = torch.randint(model.config.vocab_size, (4, model.config.block_size),
+                           generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), model.routing("causal"):  # block by block: each sees the routing before it
+        model(tokens.to(next(model.parameters()).device))
+    for hook in hooks:
+        hook.remove()
+    return model
+
+
+def hf_generate(config, device):
+    """transformers' GPT2LMHeadModel.generate at the same dims, or None without the package."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
+                                    n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device).eval()
+
+    def generate(prompt, n, use_cache):
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+    return generate
+
+
+@torch.no_grad()
+def bench_decode(cfg, settings, config, device):
+    """Greedy generation, cached and uncached, one row per model; MoD at four capacities."""
+    models = {}
+    for name, vs in settings.items():
+        if name != "mod":
+            models[name] = build(name, vs, config, cfg.seed)
+            continue
+        for c in DECODE_CAPACITIES:
+            model = build(name, dataclasses.replace(vs, capacity=c), config, cfg.seed)
+            models[f"mod C={c}"] = route_share(model.to(device), c, cfg.seed)
+    generators, kv = {}, {}
+    for name, model in models.items():
+        model.to(device).eval()
+        cache = model.new_cache()
+        model.generate(torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device), cfg.max_new_tokens,
+                       temperature=0, cache=cache)
+        kv[name] = model.kv_cache_nbytes(cache)
+        generators[name] = lambda prompt, n, use_cache, model=model: model.generate(prompt, n, temperature=0,
+                                                                                    use_cache=use_cache)
+    hf = hf_generate(config, device)
+    if hf is not None:
+        generators["transformers GPT-2"] = hf
+    prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device)
+    runs = {}
+    for name, generate in generators.items():
+        generate(prompt, 4, True)  # warmup
+        for use_cache in (True, False):
+            runs[name, use_cache] = lambda generate=generate, use_cache=use_cache: median_seconds(
+                lambda: generate(prompt, cfg.max_new_tokens, use_cache), 1, device)
+    seconds = {key: median_and_spread(r) for key, r in interleaved(runs, cfg).items()}
+    tokens = cfg.decode_batch * cfg.max_new_tokens
+    print(f"# greedy decode of {cfg.max_new_tokens} tokens, batch {cfg.decode_batch}, median of {cfg.repeats} "
+          f"interleaved rounds; MoD routers set to route C of the tokens")
+    print(f"{'variant':<20}{'cached tok/s':>13}{'uncached tok/s':>15}{'speedup':>9}{'vs baseline':>12}"
+          f"{'KV bytes':>12}{'KV vs base':>11}{'spread':>8}")
+    rows = []
+    for name in generators:
+        (cached, spread_c), (uncached, spread_u) = seconds[name, True], seconds[name, False]
+        row = dict(variant=name, cached_tok_s=tokens / cached, uncached_tok_s=tokens / uncached,
+                   kv_bytes=kv.get(name, ""), spread=max(spread_c, spread_u))
+        base = rows[0] if rows else row
+        row["cached_vs_baseline"] = row["cached_tok_s"] / base["cached_tok_s"]
+        rows.append(row)
+        kv_text = (f"{row['kv_bytes']:>12,}{row['kv_bytes'] / base['kv_bytes']:>10.2f}x" if name in kv
+                   else f"{'-':>12}{'-':>11}")
+        print(f"{name:<20}{row['cached_tok_s']:>13,.0f}{row['uncached_tok_s']:>15,.0f}"
+              f"{row['cached_tok_s'] / row['uncached_tok_s']:>8.2f}x{row['cached_vs_baseline']:>11.2f}x"
+              f"{kv_text}{row['spread']:>8.0%}")
+    if hf is None:
+        print("# transformers is not installed: no row for its GPT-2 generate")
+    warn_if_noisy({row["variant"]: row["spread"] for row in rows})
+    write_csv(cfg.csv, rows)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,5 +1,7 @@
 """sample.py and bench.py run end to end on tiny settings and reject bad input clearly."""
 
+import csv
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ import checkpoint
 import sample
 import train
 from conftest import tiny_flags
+from mod import MoDConfig, MoDGPT
+from model import GPT, GPTConfig
 from test_train import user_error
 
 
@@ -60,11 +64,50 @@ def test_sample_mistakes_end_in_one_line_naming_the_flag_or_file(dataset, tmp_pa
     assert named in user_error(capsys, sample.main, [f"--out_dir={run}", "--device=cpu", *flags])
 
 
-def test_bench_prints_a_row_per_variant_with_ratios_to_the_baseline(capsys):
-    bench.main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=64",
-                "--batch_size=2", "--steps=1", "--warmup=0", "--variants=baseline", "--device=cpu"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("baseline")]
-    assert len(rows) == 1 and "1.00x" in rows[0]
+TINY_BENCH = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=64", "--device=cpu"]
+
+
+def test_bench_rows_hold_the_ratios_computed_from_their_own_measurements(tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    bench.main(TINY_BENCH + ["--batch_size=2", "--steps=1", "--warmup=0", "--repeats=2", "--variants=mod",
+                             "--capacity=0.25", f"--csv={path}"])
+    out = capsys.readouterr().out
+    rows = {row["variant"]: {k: float(v) for k, v in row.items() if k != "variant"}
+            for row in csv.DictReader(path.open())}
+    assert list(rows) == ["baseline", "mod"] and "spread" in out
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)
+    mod_flops = MoDGPT(config, MoDConfig(capacity=0.25)).flops_per_token(32)
+    assert rows["mod"]["flops_per_token"] == pytest.approx(mod_flops)
+    assert rows["mod"]["flop_ceiling"] == pytest.approx(GPT(config).flops_per_token(32) / mod_flops)
+    assert rows["mod"]["speed"] == pytest.approx(rows["mod"]["tok_s"] / rows["baseline"]["tok_s"])
+    assert rows["mod"]["memory_ratio"] == pytest.approx(rows["mod"]["memory_bytes"] / rows["baseline"]["memory_bytes"])
+    assert rows["mod"]["memory_ratio"] < 1  # 2 of 4 tokens' worth of activations skip the routed block
+    mod_line = next(line for line in out.splitlines() if line.startswith("mod"))
+    assert f"{rows['mod']['flop_ceiling']:.2f}x" in mod_line
+
+
+def test_bench_warns_when_the_rounds_spread_by_more_than_ten_percent(capsys):
+    bench.warn_if_noisy({"baseline": 0.02, "mod": 0.31})
+    out = capsys.readouterr().out
+    assert "machine is noisy" in out and "31%" in out and "(mod)" in out
+    bench.warn_if_noisy({"baseline": 0.02, "mod": 0.05})
+    assert capsys.readouterr().out == ""
+
+
+def test_bench_decodes_mod_at_four_capacities_with_routers_set_to_route_that_share(tmp_path, capsys):
+    path = tmp_path / "decode.csv"
+    bench.main(TINY_BENCH + ["--decode=True", "--max_new_tokens=12", "--repeats=1", "--variants=mod",
+                             f"--csv={path}"])
+    rows = {row["variant"]: row for row in csv.DictReader(path.open())}
+    capacities = [0.125, 0.25, 0.5, 1.0]
+    assert list(rows)[:5] == ["baseline"] + [f"mod C={c}" for c in capacities]
+    kv = [int(rows[f"mod C={c}"]["kv_bytes"]) for c in capacities]
+    assert kv == sorted(kv) and kv[0] < kv[-1] == int(rows["baseline"]["kv_bytes"])  # C = 1 caches every token
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)
+    model = bench.route_share(MoDGPT(config, MoDConfig(capacity=0.25)), 0.25, seed=0)
+    with torch.no_grad(), model.routing("causal"):
+        model(torch.randint(64, (8, 32), generator=torch.Generator().manual_seed(5)))
+    assert model.routed_blocks()[1].routed_mask.float().mean().item() == pytest.approx(0.25, abs=0.1)
 
 
 @pytest.mark.parametrize("flags, named", [
