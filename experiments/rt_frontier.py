@@ -4,11 +4,21 @@ Router-Tuning's trade-off frontier: one dense model trained first, then routers 
 0.25, 0.5, 0.75, three seeds, one gate per sequence and one per token. Plot: val loss against
 realised capacity (the share of gated sublayers left open), the dense model as reference.
 
+Against it, static dropping (does routing beat just removing sublayers?): the same candidate
+layers, ranked once by how little each changes its input on the tuning data (cosine
+similarity between a sublayer's input and output, high = redundant, the score of the same
+authors' work on dropping attention layers), and the most redundant ones closed for every
+input (`--gate_threshold=2` closes the listed gates; no training, one evaluation).
+
     python experiments/rt_frontier.py                 # --preset cpu
     python experiments/rt_frontier.py --preset smoke  # seconds, for the tests
 """
 
 import kit
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 NAME = "rt_frontier"
 PRESETS = {
@@ -46,14 +56,56 @@ def main(argv=None):
                     flags = {**tune_base, "variant": "router_tuning", "init_from": init_from, "skip": skip,
                              "router_level": level, "target_capacity": target, "seed": seed}
                     runs.append((f"{level}-{skip}-t{target}-s{seed}", kit.schedule(flags, preset["tune_steps"])))
+    static = static_runs(init_from, tune_base, preset) if dense else []
     if args.preset == "gpu":
         kit.confirm_gpu(runs, args.yes)
-    out_dirs = kit.run_all(runs, runs_dir)
+    out_dirs = kit.run_all(runs + [(name, flags) for name, flags, _ in static], runs_dir)
     rows = [kit.summarize(name, flags, runs_dir / name) for name, flags in dense]
     rows += [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
+    rows += [{**kit.summarize(name, flags, out_dirs[name]), "static_capacity": cap, "val_capacity": cap}
+             for name, flags, cap in static]
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
     kit.print_table(rows, ["run", "steps", "val_loss", "val_capacity"])
     draw(rows, f"{args.assets_dir}/{NAME}.png")
+
+
+@torch.no_grad()
+def redundancy(model, idx, skip):
+    """{layer: mean cosine similarity between the input and output of its `skip` sublayer}."""
+    pos = torch.arange(idx.size(1))
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)
+    scores = {}
+    for i, block in enumerate(model.transformer.h):
+        mid = x + block.attn_update(x)
+        out = mid + block.mlp_update(mid)
+        before, after = {"attn": (x, mid), "mlp": (mid, out), "block": (x, out)}[skip]
+        scores[i] = F.cosine_similarity(before, after, dim=-1).mean().item()
+        x = out
+    return scores
+
+
+def static_runs(init_from, tune_base, preset):
+    """(name, flags, capacity) per skip kind and number of dropped layers: the most redundant
+    of the default gated layers closed for every input, on the dense model."""
+    import checkpoint
+    from mindskip import MindSkipConfig
+    dense, _ = checkpoint.load_model(init_from)
+    dense.eval()
+    T = dense.config.block_size
+    tokens = np.fromfile(checkpoint.data_dir(tune_base["dataset"]) / "train.bin", dtype=np.uint16)
+    idx = torch.from_numpy(tokens[: 64 * T].astype(np.int64)).view(64, T)  # the start of the tuning slice
+    candidates = MindSkipConfig().routed_layers(dense.config.n_layer)
+    runs = []
+    for skip in preset["skips"]:
+        scores = redundancy(dense, idx, skip)
+        ranked = sorted(candidates, key=lambda i: -scores[i])  # most redundant first
+        for dropped in range(1, len(candidates) + 1):
+            layers = ",".join(str(i) for i in sorted(ranked[:dropped]))
+            flags = {**tune_base, "variant": "router_tuning", "init_from": init_from, "skip": skip,
+                     "skip_layers": layers, "gate_threshold": 2.0}
+            runs.append((f"static-{skip}-drop{dropped}", kit.schedule(flags, 0),
+                         1 - dropped / len(candidates)))
+    return runs
 
 
 def draw(rows, path):
@@ -67,6 +119,10 @@ def draw(rows, path):
             if mine:
                 ax.scatter([r["val_capacity"] for r in mine], [r["val_loss"] for r in mine], color=color,
                            marker=marker, label=f"{skip} gates, per {level}")
+        static = sorted((r["static_capacity"], r["val_loss"]) for r in rows
+                        if r.get("skip") == skip and r.get("static_capacity") not in (None, ""))
+        if static:
+            ax.plot(*zip(*static), "s--", color=color, alpha=0.7, label=f"{skip} dropped statically")
     for r in rows:
         if r["variant"] == "baseline":
             ax.axhline(r["val_loss"], color="k", linestyle="--", label="dense model")

@@ -60,5 +60,10 @@ def test_decode_smoke_measures_speed_and_kv_bytes_of_every_model(dataset, tmp_pa
 def test_router_tuning_frontier_smoke_tunes_on_its_own_dense_model(dataset, tmp_path):
     import rt_frontier
     rows, _ = run_smoke(rt_frontier, dataset, tmp_path)
-    assert [r["run"] for r in rows] == ["dense", "sequence-attn-t0.5-s1337", "sequence-block-t0.5-s1337"]
+    assert [r["run"] for r in rows] == ["dense", "sequence-attn-t0.5-s1337", "sequence-block-t0.5-s1337",
+                                        "static-attn-drop1", "static-attn-drop2", "static-block-drop1",
+                                        "static-block-drop2"]
     assert all(0 <= float(r["val_capacity"]) <= 1 for r in rows[1:])
+    static = {r["run"]: r for r in rows if r["run"].startswith("static")}
+    assert float(static["static-attn-drop2"]["val_capacity"]) == 0  # both gated layers closed for every input
+    assert float(static["static-attn-drop1"]["val_loss"]) != float(rows[0]["val_loss"])  # dropping changed the model
