@@ -67,3 +67,12 @@ def test_router_tuning_frontier_smoke_tunes_on_its_own_dense_model(dataset, tmp_
     static = {r["run"]: r for r in rows if r["run"].startswith("static")}
     assert float(static["static-attn-drop2"]["val_capacity"]) == 0  # both gated layers closed for every input
     assert float(static["static-attn-drop1"]["val_loss"]) != float(rows[0]["val_loss"])  # dropping changed the model
+
+
+def test_mom_two_stage_smoke_compares_two_stage_scratch_and_dense_from_one_stage_one(dataset, tmp_path):
+    import mom_two_stage
+    rows, _ = run_smoke(mom_two_stage, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["stage1-dense", "dense-continued", "two-stage-mom-fresh-routers",
+                                        "two-stage-mom-layer-order-routers", "mom-from-scratch"]
+    assert all(int(r["total_steps"]) == 16 for r in rows[1:])  # stage 2 starts where stage 1 stopped
+    assert rows[1]["init_from"] == rows[2]["init_from"] == str(tmp_path / "runs" / "stage1-dense")
