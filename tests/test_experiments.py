@@ -76,3 +76,11 @@ def test_mom_two_stage_smoke_compares_two_stage_scratch_and_dense_from_one_stage
                                         "two-stage-mom-layer-order-routers", "mom-from-scratch"]
     assert all(int(r["total_steps"]) == 16 for r in rows[1:])  # stage 2 starts where stage 1 stopped
     assert rows[1]["init_from"] == rows[2]["init_from"] == str(tmp_path / "runs" / "stage1-dense")
+
+
+def test_mom_configs_smoke_trains_every_named_setting_from_one_dense_model(dataset, tmp_path):
+    import mom_configs
+    rows, _ = run_smoke(mom_configs, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["dense-continued"] + [name for name, _ in mom_configs.SETTINGS]
+    efficient = next(r for r in rows if r["run"].startswith("mom-efficient"))
+    assert (efficient["assembly_steps"], efficient["modules_per_step"]) == ("1", "2")  # L = 2 in the smoke preset
