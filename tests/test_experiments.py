@@ -84,3 +84,10 @@ def test_mom_configs_smoke_trains_every_named_setting_from_one_dense_model(datas
     assert [r["run"] for r in rows] == ["dense-continued"] + [name for name, _ in mom_configs.SETTINGS]
     efficient = next(r for r in rows if r["run"].startswith("mom-efficient"))
     assert (efficient["assembly_steps"], efficient["modules_per_step"]) == ("1", "2")  # L = 2 in the smoke preset
+
+
+def test_rt_cost_smoke_tunes_one_epoch_per_sample_count(dataset, tmp_path):
+    import rt_cost
+    rows, _ = run_smoke(rt_cost, dataset, tmp_path)
+    assert [r["run"] for r in rows] == ["dense", "samples8-s1337", "samples32-s1337"]
+    assert [int(r["steps"]) for r in rows[1:]] == [2, 8]  # one epoch of 8 and 32 windows, 4 per step
