@@ -273,8 +273,8 @@ class MindSkipGPT(GPT):
             closed = sum((~d).float() for d in cache.decisions.values())  # (B,)
             return (1 - skipped_per_gate * closed[:, None] / n_sublayers).expand(idx.shape).cpu()
         depths = []
-        for start in range(0, idx.size(1), self.config.block_size):
-            self(idx[:, start:start + self.config.block_size])
+        for window in self.context_windows(idx):
+            self(window)
             closed = sum((~o).float() for o in self.last_open)  # (B, window)
             depths.append(1 - skipped_per_gate * closed.cpu() / n_sublayers)
         return torch.cat(depths, dim=1)

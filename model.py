@@ -22,6 +22,8 @@ trainer, the sampler and the benchmark talk to every model only through these:
 
 forward returns (logits, loss, aux). Block exposes its attention and MLP updates separately
 (`attn_update`, `mlp_update`) so that a variant reuses them instead of copying attention.
+(Mixture-of-Modules is the one exception: its tokens take query, key and value from different
+modules, so it projects them itself and calls the same scaled_dot_product_attention.)
 """
 
 import math
@@ -311,6 +313,11 @@ class GPT(nn.Module):
     def depth_per_token(self, idx, prompt_len):
         """(B, T) fraction of the network's sublayers each token went through: all of them here."""
         return torch.ones(idx.shape, dtype=torch.float32)
+
+    def context_windows(self, idx):
+        """idx (B, T) cut into consecutive block_size windows: how a depth view reads text longer
+        than the context, one forward per window."""
+        return [idx[:, start:start + self.config.block_size] for start in range(0, idx.size(1), self.config.block_size)]
 
     # --- pretrained GPT-2 ----------------------------------------------------------------
 

@@ -366,8 +366,8 @@ class MoMGPT(GPT):
         s = self.settings
         slots = 2 * self.n_dense + 2 * s.chunks * s.assembly_steps * s.modules_per_step
         depths = []
-        for start in range(0, idx.size(1), self.config.block_size):
-            self(idx[:, start:start + self.config.block_size])
+        for window in self.context_windows(idx):
+            self(window)
             used = 2 * self.n_dense + sum((a.sum(dim=(0, 3)) + f.sum(dim=(0, 3)))
                                           for a, f in map(self.kept, self.last_routing))
             depths.append(used.float().cpu() / slots)
