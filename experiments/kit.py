@@ -142,6 +142,9 @@ def write_csv(rows, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = list(dict.fromkeys(k for row in rows for k in row))
+    # paths inside the repository (a run's --init_from) are written relative to it
+    rows = [{k: (str(v).removeprefix(f"{REPO}/") if isinstance(v, (str, Path)) else v) for k, v in row.items()}
+            for row in rows]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
