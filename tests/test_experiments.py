@@ -91,3 +91,11 @@ def test_rt_cost_smoke_tunes_one_epoch_per_sample_count(dataset, tmp_path):
     rows, _ = run_smoke(rt_cost, dataset, tmp_path)
     assert [r["run"] for r in rows] == ["dense", "samples8-s1337", "samples32-s1337"]
     assert [int(r["steps"]) for r in rows[1:]] == [2, 8]  # one epoch of 8 and 32 windows, 4 per step
+
+
+def test_mom_routing_smoke_draws_which_module_each_token_took(dataset, tmp_path):
+    import mom_routing
+    rows, _ = run_smoke(mom_routing, dataset, tmp_path)
+    assert len(rows) == 1 and rows[0]["run"] == "two-stage-mom-fresh-routers"
+    skips = [float(v) for k, v in rows[0].items() if k.endswith("_skip")]
+    assert len(skips) == 2 * 2 and all(0 <= s <= 1 for s in skips)  # 2 pools x H = 2 steps in the smoke preset
