@@ -2,7 +2,8 @@
 Router-Tuning's trade-off frontier: one dense model trained first, then routers tuned on it
 (backbone frozen) with the gate on attention, MLP or the whole block, at target capacities
 0.25, 0.5, 0.75, three seeds, one gate per sequence and one per token. Plot: val loss against
-realised capacity (the share of gated sublayers left open), the dense model as reference.
+realised capacity (the share of gated sublayers left open), the dense model as reference, and
+val loss against measured forward time (relative to the dense model, one thread, 32 val windows).
 
 Against it, static dropping (does routing beat just removing sublayers?): the same candidate
 layers, ranked once by how little each changes its input on the tuning data (cosine
@@ -13,6 +14,8 @@ input (`--gate_threshold=2` closes the listed gates; no training, one evaluation
     python experiments/rt_frontier.py                 # --preset cpu
     python experiments/rt_frontier.py --preset smoke  # seconds, for the tests
 """
+
+import time
 
 import kit
 
@@ -64,9 +67,47 @@ def main(argv=None):
     rows += [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
     rows += [{**kit.summarize(name, flags, out_dirs[name]), "static_capacity": cap, "val_capacity": cap}
              for name, flags, cap in static]
+    if dense:
+        add_forward_times(rows, runs_dir, init_from, tune_base)
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["run", "steps", "val_loss", "val_capacity"])
+    kit.print_table(rows, ["run", "steps", "val_loss", "val_capacity", "forward_time_vs_dense"])
     draw(rows, f"{args.assets_dir}/{NAME}.png")
+
+
+@torch.no_grad()
+def forward_seconds(model, idx, repeats=5):
+    """Median seconds of one inference forward over idx (closed gates compute nothing)."""
+    model.eval()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(idx, idx)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def add_forward_times(rows, runs_dir, init_from, tune_base):
+    """forward_time_vs_dense on every row: each tuned checkpoint, and each static dropping
+    rebuilt from the dense model with its gates closed, against the dense model itself."""
+    import checkpoint
+    from mindskip import MindSkipConfig, MindSkipGPT
+    torch.set_num_threads(1)  # as the training runs
+    dense, _ = checkpoint.load_model(init_from)
+    T = dense.config.block_size
+    val = np.fromfile(checkpoint.data_dir(tune_base["dataset"]) / "val.bin", dtype=np.uint16)
+    windows = min(32, len(val) // T)
+    idx = torch.from_numpy(val[: windows * T].astype(np.int64)).view(windows, T)
+    reference = forward_seconds(dense, idx)
+    for row in rows:
+        if row["variant"] == "baseline":
+            row["forward_time_vs_dense"] = 1.0
+            continue
+        if row["run"].startswith("static"):
+            model = MindSkipGPT.from_dense(dense, MindSkipConfig(skip=row["skip"], skip_layers=row["skip_layers"],
+                                                                  gate_threshold=2.0))
+        else:
+            model, _ = checkpoint.load_model(runs_dir / row["run"])
+        row["forward_time_vs_dense"] = round(forward_seconds(model, idx) / reference, 4)
 
 
 @torch.no_grad()
@@ -112,24 +153,30 @@ def draw(rows, path):
     plt = kit.pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for skip, color in zip(("attn", "mlp", "block"), ("C0", "C1", "C2")):
-        for level, marker in (("sequence", "o"), ("token", "x")):
-            mine = [r for r in rows if r.get("skip") == skip and r.get("router_level") == level]
-            if mine:
-                ax.scatter([r["val_capacity"] for r in mine], [r["val_loss"] for r in mine], color=color,
-                           marker=marker, label=f"{skip} gates, per {level}")
-        static = sorted((r["static_capacity"], r["val_loss"]) for r in rows
-                        if r.get("skip") == skip and r.get("static_capacity") not in (None, ""))
-        if static:
-            ax.plot(*zip(*static), "s--", color=color, alpha=0.7, label=f"{skip} dropped statically")
-    for r in rows:
-        if r["variant"] == "baseline":
-            ax.axhline(r["val_loss"], color="k", linestyle="--", label="dense model")
-    ax.set_xlabel("realised capacity (share of gated sublayers open)")
-    ax.set_ylabel("val loss")
-    ax.set_title("router-tuning: targets 0.25 / 0.5 / 0.75")
-    ax.legend(fontsize=7)
+    timed = all("forward_time_vs_dense" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 6.5, 4.5), squeeze=False)
+    for ax, x_key in zip(axes[0], ("val_capacity", "forward_time_vs_dense")):
+        for skip, color in zip(("attn", "mlp", "block"), ("C0", "C1", "C2")):
+            for level, marker in (("sequence", "o"), ("token", "x")):
+                mine = [r for r in rows if r.get("skip") == skip and r.get("router_level") == level
+                        and not r["run"].startswith("static")]
+                if mine:
+                    ax.scatter([r[x_key] for r in mine], [r["val_loss"] for r in mine], color=color,
+                               marker=marker, label=f"{skip} gates, per {level}")
+            static = sorted((r[x_key], r["val_loss"]) for r in rows
+                            if r.get("skip") == skip and r["run"].startswith("static"))
+            if static:
+                ax.plot(*zip(*static), "s--", color=color, alpha=0.7, label=f"{skip} dropped statically")
+        for r in rows:
+            if r["variant"] == "baseline":
+                ax.axhline(r["val_loss"], color="k", linestyle="--", label="dense model")
+        ax.set_ylabel("val loss")
+        ax.legend(fontsize=7)
+    axes[0][0].set_xlabel("realised capacity (share of gated sublayers open)")
+    axes[0][0].set_title("router-tuning: targets 0.25 / 0.5 / 0.75")
+    if timed:
+        axes[0][1].set_xlabel("forward time / the dense model's (one thread, 32 val windows)")
+        axes[0][1].set_title("the same runs against measured time")
     kit.save_figure(fig, path)
 
 

@@ -67,6 +67,7 @@ def test_router_tuning_frontier_smoke_tunes_on_its_own_dense_model(dataset, tmp_
     static = {r["run"]: r for r in rows if r["run"].startswith("static")}
     assert float(static["static-attn-drop2"]["val_capacity"]) == 0  # both gated layers closed for every input
     assert float(static["static-attn-drop1"]["val_loss"]) != float(rows[0]["val_loss"])  # dropping changed the model
+    assert float(rows[0]["forward_time_vs_dense"]) == 1.0 and all(float(r["forward_time_vs_dense"]) > 0 for r in rows)
 
 
 def test_mom_two_stage_smoke_compares_two_stage_scratch_and_dense_from_one_stage_one(dataset, tmp_path):
