@@ -42,11 +42,7 @@ def draw(rows, path):
 
 def main(argv=None):
     args = kit.parse_args(__doc__, mom_two_stage.PRESETS, argv)
-    preset = mom_two_stage.PRESETS[args.preset]
-    base = kit.common_flags(preset, args.dataset)
-    shared = kit.runs_dir(args, mom_two_stage.NAME) if not args.runs_dir else kit.runs_dir(args, NAME)
-    stage1 = [("stage1-dense", kit.schedule({**base, "variant": "baseline"}, preset["stage1"]))]
-    stage1_dir = str(kit.run_all(stage1, shared)["stage1-dense"])
+    preset, base, _, stage1_dir = mom_two_stage.shared_stage1(args, NAME)
     cont = {k: v for k, v in base.items() if k not in mom_two_stage.MODEL_FLAGS}
     L = base["n_layer"]
     runs = [("dense-continued", kit.schedule({**cont, "variant": "baseline", "init_from": stage1_dir},

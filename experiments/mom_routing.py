@@ -57,11 +57,7 @@ def draw(passage_choices, usage, pool_sizes, text, path):
 
 def main(argv=None):
     args = kit.parse_args(__doc__, mom_two_stage.PRESETS, argv)
-    preset = mom_two_stage.PRESETS[args.preset]
-    base = kit.common_flags(preset, args.dataset)
-    shared = kit.runs_dir(args, mom_two_stage.NAME) if not args.runs_dir else kit.runs_dir(args, NAME)
-    stage1 = [("stage1-dense", kit.schedule({**base, "variant": "baseline"}, preset["stage1"]))]
-    stage1_dir = str(kit.run_all(stage1, shared)["stage1-dense"])
+    preset, base, shared, stage1_dir = mom_two_stage.shared_stage1(args, NAME)
     runs = [r for r in mom_two_stage.plan_stage2(base, stage1_dir, preset["stage1"], preset["stage2"]) if r[0] == RUN]
     out_dir = kit.run_all(runs, shared)[RUN]
     import checkpoint

@@ -42,6 +42,16 @@ def plan_stage2(base, stage1_dir, steps1, steps2):
     ]
 
 
+def shared_stage1(args, own_name):
+    """(preset, shared flags, runs folder, stage-1 out_dir) for a script that builds on this one's
+    stage 1: the dense model is trained once, in mom_two_stage's runs folder (or --runs_dir)."""
+    preset = PRESETS[args.preset]
+    base = kit.common_flags(preset, args.dataset)
+    shared = kit.runs_dir(args, NAME) if not args.runs_dir else kit.runs_dir(args, own_name)
+    stage1 = [("stage1-dense", kit.schedule({**base, "variant": "baseline"}, preset["stage1"]))]
+    return preset, base, shared, str(kit.run_all(stage1, shared)["stage1-dense"])
+
+
 def curve(log, flags, fpt, offset_steps, offset_flops):
     """[(steps, training FLOPs, val loss)] of one run, shifted by what came before it."""
     per_step = fpt * kit.tokens_per_step(flags)
