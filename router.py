@@ -122,15 +122,18 @@ class MindSkipGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, n_embd))
         self.level, self.threshold = level, threshold
 
-    def forward(self, h):
-        """h: (B, T, C) -> g: (B,) at sequence level, (B, T) at token level, float32."""
+    def score(self, h):
+        """h: (B, T, C) -> s: (B,) at sequence level, (B, T) at token level, float32."""
         if self.level == "sequence":
             h = h.mean(dim=1)
         # scored and compared in float32: under bfloat16, sigmoid of a score in about
         # (-0.004, 0) rounds up to 0.5 and would open a gate that float32 keeps closed
         with torch.autocast(h.device.type, enabled=False):
-            score = F.linear(h.float(), self.weight.float()).squeeze(-1)
-        return straight_through_gate(score, self.threshold)
+            return F.linear(h.float(), self.weight.float()).squeeze(-1)
+
+    def forward(self, h, offset=0.0):
+        """g = 1[sigmoid(s + offset) >= threshold], straight-through; offset: see MindSkipGPT."""
+        return straight_through_gate(self.score(h) + offset, self.threshold)
 
 
 def capacity_penalty(gates, target_capacity):

@@ -26,15 +26,17 @@ import torch.nn.functional as F
 NAME = "rt_frontier"
 PRESETS = {
     "smoke": {"dataset": "shakespeare_char", "dense_steps": 8, "tune_steps": 4, "skips": ["attn", "block"],
-              "targets": [0.5], "seeds": [1337], "levels": ["sequence"],
+              "targets": [0.5], "seeds": [1337], "levels": ["sequence"], "tune": dict(min_lr=0.0),
               "train": dict(n_layer=4, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=1,
                             log_interval=1000, device="cpu")},
     "cpu": {"dataset": "shakespeare_char", "dense_steps": 1000, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
+            "tune": dict(min_lr=0.0, eval_iters=200),  # the realised capacity over 2,400 val windows
             "train": dict(n_layer=6, n_head=4, n_embd=128, block_size=64, batch_size=12, eval_iters=10,
                           log_interval=1000, device="cpu", compile=False)},
     "gpu": {"dataset": "openwebtext", "dense_steps": 0, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
+            "tune": dict(min_lr=0.0),
             "train": dict(block_size=1024, batch_size=8, eval_iters=100, log_interval=10, dtype="bfloat16")},
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd")  # fixed by the dense model once it is trained
@@ -56,8 +58,8 @@ def main(argv=None):
         for skip in preset["skips"]:
             for target in preset["targets"]:
                 for seed in preset["seeds"]:
-                    flags = {**tune_base, "variant": "router_tuning", "init_from": init_from, "skip": skip,
-                             "router_level": level, "target_capacity": target, "seed": seed}
+                    flags = {**tune_base, **preset["tune"], "variant": "router_tuning", "init_from": init_from,
+                             "skip": skip, "router_level": level, "target_capacity": target, "seed": seed}
                     runs.append((f"{level}-{skip}-t{target}-s{seed}", kit.schedule(flags, preset["tune_steps"])))
     static = static_runs(init_from, tune_base, preset) if dense else []
     if args.preset == "gpu":

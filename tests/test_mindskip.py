@@ -196,7 +196,7 @@ def test_checkpoint_holds_only_the_router_weights_and_base_plus_routers_rebuild_
     dense = dense_gpt()
     model = tune(mindskip(dense, sparsity_coef=5.0))
     state = model.checkpoint_state_dict()
-    assert set(state) == {f"routers.{i}.weight" for i in ROUTED}
+    assert set(state) == {f"routers.{i}.weight" for i in ROUTED} | {"score_offset"}
     rebuilt = MindSkipGPT.from_dense(dense_gpt(), model.settings).eval()
     _, unexpected = rebuilt.load_state_dict(state, strict=False)
     assert not unexpected
@@ -262,6 +262,38 @@ def test_tuning_reaches_the_target_capacity_on_held_out_sequences(target, level)
     tune(model, steps=60, batch=16, learning_rate=3e-3)
     held_out = tokens(999, 256, 16)
     assert model.evaluate(held_out, held_out)["capacity"] == pytest.approx(target, abs=0.05)
+
+
+def test_score_offset_moves_in_tuning_forwards_only_and_towards_the_target():
+    """Like BatchNorm's running statistics: a training forward moves the offset so that fewer
+    gates open when more than the target did (and the other way round); eval forwards, the
+    official sparsity term and forced thresholds leave it alone."""
+    idx = tokens(7, 8, 16)
+    for target, direction in ((0.25, -1), (0.75, 1)):
+        model = split_the_gates(mindskip(dense_gpt(), target_capacity=target), idx)
+        model(idx)
+        assert model.score_offset.item() == 0.0  # eval mode: frozen
+        open_share = model.last_capacity.item()
+        assert 0.25 < open_share < 0.75  # the split routers open about half of the gates
+        model.train()(idx)
+        assert math.copysign(1, model.score_offset.item()) == direction
+    for settings in (dict(sparsity="official"), dict(gate_threshold=0.0), dict(gate_threshold=1.5)):
+        model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.25, **settings), idx)
+        model.train()(idx)
+        assert model.score_offset.item() == 0.0, settings
+
+
+def test_score_offset_opens_exactly_the_target_share_of_scores_held_still():
+    """With the routers fixed, repeated tuning forwards bring the open share to the target on
+    the batch they see, where the penalty alone would need the routers to move."""
+    idx = tokens(8, 16, 16)
+    for level in LEVELS:
+        model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.3, router_level=level), idx).train()
+        with torch.no_grad():
+            for _ in range(300):
+                model(idx)
+        model.eval()(idx)
+        assert model.last_capacity.item() == pytest.approx(0.3, abs=0.04), level
 
 
 def test_flops_per_token_of_a_tuning_step_counts_no_weight_gradients():
@@ -489,7 +521,7 @@ def test_train_py_tunes_only_the_routers_of_a_dense_checkpoint_and_reloads_base_
     run(out_dir=tmp_path / "tuned", variant="router_tuning", init_from=tmp_path / "base", max_iters=4,
         lr_decay_iters=4, learning_rate=0.1, train_samples=20, sparsity_coef=5.0)
     ckpt = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
-    assert set(ckpt["model"]) == {f"routers.{i}.weight" for i in ROUTED}
+    assert set(ckpt["model"]) == {f"routers.{i}.weight" for i in ROUTED} | {"score_offset"}
     assert ckpt["base"]["sha256"] == checkpoint.file_sha256(tmp_path / "base" / "ckpt.pt")
     base, _ = checkpoint.load_model(tmp_path / "base")
     tuned, _ = checkpoint.load_model(tmp_path / "tuned")
