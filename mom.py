@@ -222,6 +222,9 @@ class MoMChunk(nn.Module):
         if cache is not None and not cache[0]:  # first call: one KVCache per attention row
             rows = x.size(0) * self.K if self.assembly == "per_module" else 1
             cache[:] = [[KVCache() for _ in range(rows)] for _ in cache]
+        if cache is not None and x.shape[:2] == (1, 1):
+            x = self.decode_one_token(x, cache)
+            return (x if self.anchor is None else self.anchor(x, anchor_cache)), None
         attn_state = ffn_state = None  # GRU states: one per token, carried across the H steps
         record = {"attn_probs": [], "attn": [], "ffn_probs": [], "ffn": []}
         for h in range(self.steps):
@@ -237,6 +240,42 @@ class MoMChunk(nn.Module):
             x = self.anchor(x, anchor_cache)
         return x, {name: torch.stack(values) for name, values in record.items()}  # (H, B, T, ...)
 
+    def decode_one_token(self, x, caches):
+        """forward for one token of one sequence with a cache (generation): the same sums over
+        each step's chosen modules, as plain module calls. At decode every op is its own small
+        kernel, so the general path's sort, gathers and scatters would cost more than the modules."""
+        attn_state = ffn_state = None
+        for h in range(self.steps):
+            probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
+            x = x + self.one_token_attention(x, probs.view(-1), chosen.view(-1).tolist(), caches[h])
+            probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
+            update = torch.zeros_like(x)
+            for m in chosen.view(-1).tolist():
+                if m < len(self.ffn_pool):  # not SKIP
+                    module = self.ffn_pool[m]
+                    update = update + probs.view(-1)[m] * module.mlp(module.ln_2(x))
+            x = x + update
+        return x
+
+    def one_token_attention(self, x, probs, chosen, caches):
+        """attention_assembly for one token: per_module, choice k attends with its module's
+        q/k/v over caches[k] (a SKIP writes nothing); official, the chosen modules' q/k/v are
+        summed (all SKIP: a zero key and value) and attend once over caches[0]."""
+        n_head, update = self.config.n_head, torch.zeros_like(x)
+        modules = [(k, m, self.attn_pool[m].attn) for k, m in enumerate(chosen) if m < len(self.attn_pool)]
+        if self.assembly == "official":
+            qkv = torch.zeros(*x.shape[:2], 3 * x.size(-1), dtype=x.dtype, device=x.device)
+            for k, m, attn in modules:
+                qkv = qkv + attn.c_attn(self.attn_pool[m].ln_1(x))
+            y = causal_attention(qkv, n_head, caches[0])
+            for k, m, attn in modules:
+                update = update + probs[m] * attn.c_proj(y)
+            return update
+        for k, m, attn in modules:
+            y = causal_attention(attn.c_attn(self.attn_pool[m].ln_1(x)), n_head, caches[k])
+            update = update + probs[m] * attn.c_proj(y)
+        return update
+
     def attention_assembly(self, x, probs, chosen, caches=None):
         """sum_k p_jk * A_{m_jk}(x)_j. q/k/v of different tokens come from different modules, so no
         module runs whole: each computes q/k/v for its tokens, attention runs once, then each
@@ -244,8 +283,10 @@ class MoMChunk(nn.Module):
         B, T, C = x.shape
         K, N, n_head = self.K, len(self.attn_pool), self.config.n_head
         slots, counts = group_by_module(chosen, N)
-        if slots.numel() == 0:
-            return torch.zeros_like(x)  # every token chose SKIP
+        if slots.numel() == 0:  # every token chose SKIP
+            if caches is not None and self.assembly == "official":  # SKIP is still a zero key and value
+                causal_attention(x.new_zeros(B, T, 3 * C), n_head, caches[0])
+            return torch.zeros_like(x)
         token = slots // K
         rows = x.reshape(B * T, C)[token]  # one gather: each module's tokens sit together
         qkv_sorted = by_module(self.attn_pool, rows, counts, lambda m, part: m.attn.c_attn(m.ln_1(part)))
@@ -320,6 +361,8 @@ class MoMGPT(GPT):
             routing.append(record)
         for i, block in enumerate(self.top):
             x = block(x, part("top", i))
+        if cache is not None:  # generation: no losses (and decode_one_token keeps no record)
+            return x, {}
         self.last_routing = [{k: v.detach() for k, v in r.items() if not k.endswith("probs")} for r in routing]
         return x, {"mom_balance": self.balance_loss(routing)}
 

@@ -250,12 +250,15 @@ def test_permuting_modules_together_with_router_outputs_changes_nothing(kind):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("K, assembly, layout, n_layer", [
-    (1, "per_module", {}, 3), (2, "per_module", {}, 3), (2, "official", {}, 3),
-    (1, "per_module", dict(chunks=2, bottom_layers=1), 7)])
-def test_cached_decoding_matches_the_full_forward(K, assembly, layout, n_layer):
+@pytest.mark.parametrize("K, assembly, layout, n_layer, B", [
+    (1, "per_module", {}, 3, 2), (2, "per_module", {}, 3, 2), (2, "official", {}, 3, 2),
+    (1, "per_module", dict(chunks=2, bottom_layers=1), 7, 2),
+    # batch 1 decodes through MoMChunk.decode_one_token
+    (1, "per_module", {}, 3, 1), (2, "per_module", {}, 3, 1), (1, "official", {}, 3, 1), (2, "official", {}, 3, 1),
+    (1, "per_module", dict(chunks=2, bottom_layers=1), 7, 1)])
+def test_cached_decoding_matches_the_full_forward(K, assembly, layout, n_layer, B):
     mom = tiny_mom(modules_per_step=K, skip_bias=1.0, attn_assembly=assembly, n_layer=n_layer, **layout)
-    idx = tokens(T=16)
+    idx = tokens(B=B, T=16)
     full, _, _ = mom(idx, idx)  # logits at every position
     cache = mom.new_cache()
     logits, _, _ = mom(idx[:, :5], cache=cache)  # prefill
