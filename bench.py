@@ -422,7 +422,8 @@ def hf_generate(config, device):
         return None
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(device).eval()
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=None, eos_token_id=None)).to(device).eval()  # never stops early
 
     def generate(prompt, n, use_cache):
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,

@@ -129,6 +129,16 @@ def weighted_sum(out, probs, chosen, slots):
     return weighted.new_zeros(B * T * K, out.size(-1)).index_copy(0, slots, weighted).view(B, T, K, -1).sum(2)
 
 
+def add_all(x, terms):
+    """x + (t_1 + t_2 + ...), summed in choice order as weighted_sum does; x itself if none."""
+    if not terms:
+        return x
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return x + total
+
+
 def split_heads(t, n_head):
     """(N, T, C) -> (N, n_head, T, C // n_head)."""
     N, T, C = t.shape
@@ -247,34 +257,25 @@ class MoMChunk(nn.Module):
         attn_state = ffn_state = None
         for h in range(self.steps):
             probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
-            x = x + self.one_token_attention(x, probs.view(-1), chosen.view(-1).tolist(), caches[h])
+            x = self.one_token_attention(x, probs.view(-1), chosen.view(-1).tolist(), caches[h])
             probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
-            update = torch.zeros_like(x)
-            for m in chosen.view(-1).tolist():
-                if m < len(self.ffn_pool):  # not SKIP
-                    module = self.ffn_pool[m]
-                    update = update + probs.view(-1)[m] * module.mlp(module.ln_2(x))
-            x = x + update
+            updates = [probs.view(-1)[m] * self.ffn_pool[m].mlp(self.ffn_pool[m].ln_2(x))
+                       for m in chosen.view(-1).tolist() if m < len(self.ffn_pool)]  # SKIP adds nothing
+            x = add_all(x, updates)
         return x
 
     def one_token_attention(self, x, probs, chosen, caches):
-        """attention_assembly for one token: per_module, choice k attends with its module's
-        q/k/v over caches[k] (a SKIP writes nothing); official, the chosen modules' q/k/v are
-        summed (all SKIP: a zero key and value) and attend once over caches[0]."""
-        n_head, update = self.config.n_head, torch.zeros_like(x)
-        modules = [(k, m, self.attn_pool[m].attn) for k, m in enumerate(chosen) if m < len(self.attn_pool)]
+        """x plus attention_assembly for one token: per_module, choice k attends with its
+        module's q/k/v over caches[k] (a SKIP writes nothing); official, the chosen modules'
+        q/k/v are summed (all SKIP: a zero key and value) and attend once over caches[0]."""
+        n_head = self.config.n_head
+        modules = [(k, self.attn_pool[m], probs[m]) for k, m in enumerate(chosen) if m < len(self.attn_pool)]
         if self.assembly == "official":
-            qkv = torch.zeros(*x.shape[:2], 3 * x.size(-1), dtype=x.dtype, device=x.device)
-            for k, m, attn in modules:
-                qkv = qkv + attn.c_attn(self.attn_pool[m].ln_1(x))
+            qkv = add_all(x.new_zeros(*x.shape[:2], 3 * x.size(-1)), [m.attn.c_attn(m.ln_1(x)) for _, m, _ in modules])
             y = causal_attention(qkv, n_head, caches[0])
-            for k, m, attn in modules:
-                update = update + probs[m] * attn.c_proj(y)
-            return update
-        for k, m, attn in modules:
-            y = causal_attention(attn.c_attn(self.attn_pool[m].ln_1(x)), n_head, caches[k])
-            update = update + probs[m] * attn.c_proj(y)
-        return update
+            return add_all(x, [p * m.attn.c_proj(y) for _, m, p in modules])
+        return add_all(x, [p * m.attn.c_proj(causal_attention(m.attn.c_attn(m.ln_1(x)), n_head, caches[k]))
+                           for k, m, p in modules])
 
     def attention_assembly(self, x, probs, chosen, caches=None):
         """sum_k p_jk * A_{m_jk}(x)_j. q/k/v of different tokens come from different modules, so no

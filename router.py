@@ -203,7 +203,9 @@ class ModuleRouter(nn.Module):
         logits = self.out(hidden)
         if self.step_bias is not None:
             logits = logits + self.step_bias[step]
-        return (logits / self.temperature).view(B, T, -1), state
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits.view(B, T, -1), state
 
     @torch.no_grad()
     def start_in_layer_order(self, targets, prob=0.9):

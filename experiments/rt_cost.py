@@ -52,7 +52,8 @@ def main(argv=None):
             flags = {**tune, "variant": "router_tuning", "init_from": init_from, "skip": "attn",
                      "target_capacity": 0.5, "train_samples": samples, "seed": seed}
             steps = max(1, samples // tune["batch_size"])  # one epoch
-            runs.append((f"samples{samples}-s{seed}", kit.schedule(flags, steps, evals=1)))
+            flags = {**kit.schedule(flags, steps, evals=1), **preset["tune"], "eval_interval": steps}
+            runs.append((f"samples{samples}-s{seed}", flags))
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
     rows = [kit.summarize("dense", dense[0][1], shared / "dense")]
     rows += [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]

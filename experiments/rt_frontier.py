@@ -31,7 +31,7 @@ PRESETS = {
                             log_interval=1000, device="cpu")},
     "cpu": {"dataset": "shakespeare_char", "dense_steps": 1000, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
-            "tune": dict(min_lr=0.0, eval_iters=200),  # the realised capacity over 2,400 val windows
+            "tune": dict(min_lr=0.0, eval_iters=200, eval_interval=100),  # capacity over 2,400 val windows, at the end
             "train": dict(n_layer=6, n_head=4, n_embd=128, block_size=64, batch_size=12, eval_iters=10,
                           log_interval=1000, device="cpu", compile=False)},
     "gpu": {"dataset": "openwebtext", "dense_steps": 0, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
@@ -58,9 +58,10 @@ def main(argv=None):
         for skip in preset["skips"]:
             for target in preset["targets"]:
                 for seed in preset["seeds"]:
-                    flags = {**tune_base, **preset["tune"], "variant": "router_tuning", "init_from": init_from,
-                             "skip": skip, "router_level": level, "target_capacity": target, "seed": seed}
-                    runs.append((f"{level}-{skip}-t{target}-s{seed}", kit.schedule(flags, preset["tune_steps"])))
+                    flags = {**tune_base, "variant": "router_tuning", "init_from": init_from, "skip": skip,
+                             "router_level": level, "target_capacity": target, "seed": seed}
+                    flags = {**kit.schedule(flags, preset["tune_steps"]), **preset["tune"]}
+                    runs.append((f"{level}-{skip}-t{target}-s{seed}", flags))
     static = static_runs(init_from, tune_base, preset) if dense else []
     if args.preset == "gpu":
         kit.confirm_gpu(runs, args.yes)
