@@ -21,7 +21,7 @@ masked out; we tune on the same kind of text the base was trained on) with
 
 The two-sided penalty pulls the share of open gates to the target from either side; the
 official term has no target and only pushes gates shut. With --sparsity target, one offset b
-is added to every score, s + b, and each tuning forward moves b towards opening exactly the
+is added to every score, s + b, and each tuning step moves b towards opening exactly the
 target share of the batch's gates (this project's; the paper's routers have neither a bias nor
 a target): the penalty alone left the realised share up to 0.08 off at sequence level. While tuning, a closed gate's
 sublayer is still computed (times 0), so the LM loss reaches closed gates straight-through
@@ -40,7 +40,7 @@ import torch.nn as nn
 from model import GPT, KVCache, attention_flops, block_matmul_params
 from router import MindSkipGate, capacity_penalty, gate_sum_sparsity
 
-OFFSET_STEP = 0.1  # share of the way the score offset moves per tuning batch (an average over ~20 batches)
+OFFSET_STEP = 0.1  # the offset moves by this x (open share - target) x score spread per optimizer step
 
 
 @dataclass
@@ -124,6 +124,9 @@ class MindSkipGPT(GPT):
         self.loss_weights = {"sparsity": settings.sparsity_coef}
         # added to every gate's score; follows the target while tuning (see follow_target)
         self.register_buffer("score_offset", torch.zeros(()))
+        # (sum of (open share - target) x score spread, forwards) since the last optimizer step;
+        # a plain tensor, not a buffer, so that DDP never overwrites one rank's with another's
+        self.offset_pending = torch.zeros(2)
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
         self.last_open = None
 
@@ -144,7 +147,9 @@ class MindSkipGPT(GPT):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the routers with no weight decay, whatever --weight_decay says: decay pulls
         every score towards 0, where sigmoid(0) = 0.5 opens the gate (the official recipe uses 0)."""
-        return torch.optim.AdamW(self.routers.parameters(), lr=learning_rate, betas=betas, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self.routers.parameters(), lr=learning_rate, betas=betas, weight_decay=0.0)
+        optimizer.register_step_post_hook(lambda *_: self.follow_target())
+        return optimizer
 
     def new_cache(self, decisions=None):
         return MindSkipCache(decisions)
@@ -181,7 +186,7 @@ class MindSkipGPT(GPT):
         every_gate = torch.cat([g.flatten() for g in gates])
         self.last_capacity = every_gate.detach().mean()
         if self.follows_target():
-            self.follow_target(torch.cat(scores))
+            self.record_for_target(torch.cat(scores))
         if self.settings.sparsity == "official":
             return x, {"sparsity": gate_sum_sparsity(gates)}
         return x, {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
@@ -207,16 +212,28 @@ class MindSkipGPT(GPT):
         return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
 
     @torch.no_grad()
-    def follow_target(self, scores):
-        """Like BatchNorm's running statistics, updated by every training forward and frozen in
-        eval mode: the offset moves a step towards the one that would have opened exactly
-        target_capacity of this batch's gates (all gated layers together, so the routers still
-        choose which layers and rows stay open). The penalty alone leaves the realised share off
-        target by up to 0.1 at sequence level, where the few rows of a batch give it a coarse
-        and noisy estimate; the offset averages over many batches."""
+    def record_for_target(self, scores):
+        """Remember how far this batch's open share was from the target, scaled by the spread of
+        its scores (so the step does not depend on their scale)."""
         threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
         open_share = (scores + self.score_offset >= threshold).float().mean()
-        self.score_offset -= OFFSET_STEP * (open_share - self.settings.target_capacity) * scores.std()
+        error = (open_share - self.settings.target_capacity) * scores.std()
+        self.offset_pending = self.offset_pending.to(scores.device) + torch.stack([error, torch.ones_like(error)])
+
+    @torch.no_grad()
+    def follow_target(self):
+        """After every optimizer step (a hook from configure_optimizers): move the offset against
+        the mean recorded error of the step's micro-batches, on every process alike. Like
+        BatchNorm's running statistics it follows the training batches and is frozen in eval
+        mode; its fixed point opens exactly target_capacity of the gates (all gated layers
+        together, so the routers still choose which layers and rows stay open). The penalty
+        alone left the realised share up to 0.08 off target at sequence level, where the few
+        rows of a batch give it a coarse, noisy count."""
+        pending, self.offset_pending = self.offset_pending, torch.zeros(2, device=self.score_offset.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending)  # the whole global batch, as one process would see it
+        if pending[1] > 0:
+            self.score_offset -= OFFSET_STEP * pending[0] / pending[1]
 
     def gated_sublayer(self, block, x, h, g, kv):
         """x + g * f(x) for the sublayer --skip names, f reading h = its LayerNorm of x (computed

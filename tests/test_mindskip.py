@@ -264,36 +264,63 @@ def test_tuning_reaches_the_target_capacity_on_held_out_sequences(target, level)
     assert model.evaluate(held_out, held_out)["capacity"] == pytest.approx(target, abs=0.05)
 
 
-def test_score_offset_moves_in_tuning_forwards_only_and_towards_the_target():
-    """Like BatchNorm's running statistics: a training forward moves the offset so that fewer
-    gates open when more than the target did (and the other way round); eval forwards, the
-    official sparsity term and forced thresholds leave it alone."""
+def frozen_router_optimizer(model):
+    """The model's own optimizer at learning rate 0: steps run its hooks but move no router."""
+    return model.configure_optimizers(weight_decay=0.0, learning_rate=0.0, betas=(0.9, 0.99), device_type="cpu")
+
+
+def test_score_offset_moves_after_tuning_steps_only_and_towards_the_target():
+    """Like BatchNorm's running statistics: the optimizer step after a training forward moves
+    the offset so that fewer gates open when more than the target did (and the other way
+    round); the forward itself, eval forwards, the official sparsity term and forced
+    thresholds leave it alone."""
     idx = tokens(7, 8, 16)
     for target, direction in ((0.25, -1), (0.75, 1)):
         model = split_the_gates(mindskip(dense_gpt(), target_capacity=target), idx)
+        opt = frozen_router_optimizer(model)
         model(idx)
-        assert model.score_offset.item() == 0.0  # eval mode: frozen
-        open_share = model.last_capacity.item()
-        assert 0.25 < open_share < 0.75  # the split routers open about half of the gates
+        opt.step()
+        assert model.score_offset.item() == 0.0  # eval mode: nothing recorded
+        assert 0.25 < model.last_capacity.item() < 0.75  # the split routers open about half of the gates
         model.train()(idx)
+        assert model.score_offset.item() == 0.0  # recorded, not applied yet
+        opt.step()
         assert math.copysign(1, model.score_offset.item()) == direction
     for settings in (dict(sparsity="official"), dict(gate_threshold=0.0), dict(gate_threshold=1.5)):
         model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.25, **settings), idx)
+        opt = frozen_router_optimizer(model)
         model.train()(idx)
+        opt.step()
         assert model.score_offset.item() == 0.0, settings
 
 
 def test_score_offset_opens_exactly_the_target_share_of_scores_held_still():
-    """With the routers fixed, repeated tuning forwards bring the open share to the target on
-    the batch they see, where the penalty alone would need the routers to move."""
+    """With the routers fixed, repeated tuning steps bring the open share to the target on the
+    batch they see, where the penalty alone would need the routers to move."""
     idx = tokens(8, 16, 16)
     for level in LEVELS:
         model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.3, router_level=level), idx).train()
+        opt = frozen_router_optimizer(model)
         with torch.no_grad():
             for _ in range(300):
                 model(idx)
+                opt.step()
         model.eval()(idx)
         assert model.last_capacity.item() == pytest.approx(0.3, abs=0.04), level
+
+
+def test_score_offset_moves_once_per_step_by_the_mean_over_micro_batches():
+    """Two micro-batches then one step move the offset as one step over their mean error does,
+    which is what DDP's processes reproduce by summing their records."""
+    idx = tokens(9, 8, 16)
+    model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.25), idx).train()
+    opt = frozen_router_optimizer(model)
+    model(idx[:4])
+    model(idx[4:])
+    assert model.offset_pending[1].item() == 2
+    errors = model.offset_pending[0].item() / 2
+    opt.step()
+    assert model.score_offset.item() == pytest.approx(-0.1 * errors)
 
 
 def test_flops_per_token_of_a_tuning_step_counts_no_weight_gradients():
