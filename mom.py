@@ -162,23 +162,30 @@ def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
                                                       dropout_p=dropout_p))
 
 
-def attention_among(qkv, keep, n_head, dropout_p=0.0):
-    """Causal self-attention among the kept tokens of each row: a token not kept neither asks nor
-    is a key. qkv: (N, T, 3C), keep: (N, T) bool -> (N, T, C); rows of tokens not kept hold junk
-    that callers never read."""
-    N, T, C3 = qkv.shape
-    if bool(keep.all()):  # nobody chose SKIP: no packing needed
-        return causal_attention(qkv, n_head, dropout_p=dropout_p)
-    order, _ = pack_mask(keep)  # (N, n): kept tokens first, in causal order, padding after them
-    if order.size(1) == 0:
-        return qkv.new_zeros(N, T, C3 // 3)
-    y = causal_attention(qkv.gather(1, order[..., None].expand(-1, -1, C3)), n_head, dropout_p=dropout_p)
-    return y.new_zeros(N, T, C3 // 3).scatter(1, order[..., None].expand(-1, -1, C3 // 3), y)
+def attention_in_slot_order(qkv_sorted, chosen, slots, n_modules, n_head, dropout_p=0.0):
+    """per_module attention without a cache, from slot order and back to it. Assembly k of row b
+    (attention row r = k * B + b) is the causal sequence of row b's non-SKIP k-th choices; its
+    q/k/v are gathered straight from qkv_sorted (S, 3C) into packed rows and the outputs gathered
+    straight back: two gathers, where going through token order would take four plus zeros."""
+    B, T, K = chosen.shape
+    S, device = slots.numel(), slots.device
+    order, valid = pack_mask((chosen != n_modules).permute(2, 0, 1).reshape(K * B, T))  # (K*B, n)
+    row = torch.arange(K * B, device=device)[:, None]
+    slot = ((row % B) * T + order) * K + row // B  # the flat slot (b * T + t) * K + k of each packed entry
+    position = torch.zeros(B * T * K, dtype=torch.long, device=device).index_copy_(
+        0, slots, torch.arange(S, device=device))  # where each slot sits in slot order
+    packed = torch.where(valid, position[slot], 0)  # padding reads row 0: it comes after every real token
+    y = causal_attention(qkv_sorted[packed], n_head, dropout_p=dropout_p)  # (K*B, n, C)
+    back = torch.empty(S, dtype=torch.long, device=device).index_copy_(
+        0, packed[valid], torch.arange(packed.numel(), device=device)[valid.flatten()])
+    return y.reshape(-1, y.size(-1))[back]
 
 
 def cached_attention_among(qkv, keep, n_head, caches):
-    """attention_among for generation: row r's kept tokens are appended to caches[r] and attend
-    to everything cached there plus, causally, to each other. A row with no kept token writes nothing."""
+    """Attention for generation among the kept tokens (keep: (N, T) bool) of each row of qkv
+    (N, T, 3C): row r's kept tokens are appended to caches[r] and attend to everything cached
+    there plus, causally, to each other; a token not kept neither asks nor is a key. A row
+    with no kept token writes nothing."""
     N, T, C3 = qkv.shape
     out = qkv.new_zeros(N, T, C3 // 3)
     for r, kept in enumerate(keep.tolist()):
@@ -292,17 +299,17 @@ class MoMChunk(nn.Module):
         rows = x.reshape(B * T, C)[token]  # one gather: each module's tokens sit together
         qkv_sorted = by_module(self.attn_pool, rows, counts, lambda m, part: m.attn.c_attn(m.ln_1(part)))
         dropout_p = self.config.dropout if self.training else 0.0
-        qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted).view(B, T, K, 3 * C)
-        if self.assembly == "official":  # q/k/v summed over a token's modules; SKIP = zero key and value
+        if self.assembly == "per_module" and caches is None:
+            y = attention_in_slot_order(qkv_sorted, chosen, slots, N, n_head, dropout_p)
+        elif self.assembly == "official":  # q/k/v summed over a token's modules; SKIP = zero key and value
+            qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted).view(B, T, K, 3 * C)
             y = causal_attention(qkv.sum(2), n_head, None if caches is None else caches[0], dropout_p)
             y = y.reshape(B * T, C)[token]
-        else:  # assembly k = the k-th choices of all tokens, attention among its non-SKIP tokens
+        else:  # cached per_module: each (assembly, row) appends its non-SKIP tokens to its own cache
+            qkv = qkv_sorted.new_zeros(B * T * K, 3 * C).index_copy(0, slots, qkv_sorted).view(B, T, K, 3 * C)
             qkv = qkv.permute(2, 0, 1, 3).reshape(K * B, T, 3 * C)
             keep = (chosen != N).permute(2, 0, 1).reshape(K * B, T)
-            if caches is None:
-                y = attention_among(qkv, keep, n_head, dropout_p)
-            else:
-                y = cached_attention_among(qkv, keep, n_head, caches)
+            y = cached_attention_among(qkv, keep, n_head, caches)
             y = y.view(K, B, T, C).permute(1, 2, 0, 3).reshape(B * T * K, C)[slots]
         out = by_module(self.attn_pool, y, counts, lambda m, part: m.attn.resid_dropout(m.attn.c_proj(part)))
         return weighted_sum(out, probs, chosen, slots).to(x.dtype)
