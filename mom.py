@@ -125,7 +125,7 @@ def weighted_sum(out, probs, chosen, slots):
     token j, SKIP adding nothing. The outputs go back to their slots with one index_copy (each
     slot once, so no scatter-add), then the K choices of a token are summed."""
     B, T, K = chosen.shape
-    weighted = probs.gather(-1, chosen).reshape(-1)[slots, None] * out
+    weighted = probs.gather(-1, chosen).reshape(-1).index_select(0, slots)[:, None] * out
     return weighted.new_zeros(B * T * K, out.size(-1)).index_copy(0, slots, weighted).view(B, T, K, -1).sum(2)
 
 
@@ -175,10 +175,11 @@ def attention_in_slot_order(qkv_sorted, chosen, slots, n_modules, n_head, dropou
     position = torch.zeros(B * T * K, dtype=torch.long, device=device).index_copy_(
         0, slots, torch.arange(S, device=device))  # where each slot sits in slot order
     packed = torch.where(valid, position[slot], 0)  # padding reads row 0: it comes after every real token
-    y = causal_attention(qkv_sorted[packed], n_head, dropout_p=dropout_p)  # (K*B, n, C)
+    qkv = qkv_sorted.index_select(0, packed.flatten()).view(*packed.shape, -1)
+    y = causal_attention(qkv, n_head, dropout_p=dropout_p)  # (K*B, n, C)
     back = torch.empty(S, dtype=torch.long, device=device).index_copy_(
         0, packed[valid], torch.arange(packed.numel(), device=device)[valid.flatten()])
-    return y.reshape(-1, y.size(-1))[back]
+    return y.reshape(-1, y.size(-1)).index_select(0, back)
 
 
 def cached_attention_among(qkv, keep, n_head, caches):
@@ -296,7 +297,7 @@ class MoMChunk(nn.Module):
                 causal_attention(x.new_zeros(B, T, 3 * C), n_head, caches[0])
             return torch.zeros_like(x)
         token = slots // K
-        rows = x.reshape(B * T, C)[token]  # one gather: each module's tokens sit together
+        rows = x.reshape(B * T, C).index_select(0, token)  # one gather: each module's tokens sit together
         qkv_sorted = by_module(self.attn_pool, rows, counts, lambda m, part: m.attn.c_attn(m.ln_1(part)))
         dropout_p = self.config.dropout if self.training else 0.0
         if self.assembly == "per_module" and caches is None:
@@ -321,7 +322,7 @@ class MoMChunk(nn.Module):
         if slots.numel() == 0:
             return torch.zeros_like(x)
         token = slots // self.K
-        rows = x.reshape(B * T, C)[token]
+        rows = x.reshape(B * T, C).index_select(0, token)
         out = by_module(self.ffn_pool, rows, counts, lambda m, part: m.mlp(m.ln_2(part)))
         return weighted_sum(out, probs, chosen, slots).to(x.dtype)
 
