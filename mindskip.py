@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import MindSkipGate, capacity_penalty, gate_sum_sparsity
+from router import MindSkipGate, capacity_penalty, gate_sum_sparsity, pack_mask
 
 OFFSET_STEP = 0.1  # the offset moves by this x (open share - target) x score spread per optimizer step
 
@@ -268,6 +268,8 @@ class MindSkipGPT(GPT):
         kv_layer = cache is not None and self.settings.skip != "mlp"
         if not kv_layer and open_tokens.all():
             return self.gated_sublayer(block, x, h, 1.0, None)
+        if not kv_layer:  # no cache to write: every row's open tokens packed into one batched pass
+            return self.skip_closed_tokens_packed(block, x, h, open_tokens)
         x = x.clone()
         for b in range(x.size(0)):
             idx = open_tokens[b].nonzero().squeeze(1)  # ascending: keeps causal order
@@ -276,6 +278,21 @@ class MindSkipGPT(GPT):
             kv = cache.kv.setdefault(i, {}).setdefault(b, KVCache()) if kv_layer else None
             x[b, idx] = self.gated_sublayer(block, x[b, idx][None], h[b, idx][None], 1.0, kv)[0]
         return x
+
+    def skip_closed_tokens_packed(self, block, x, h, open_tokens):
+        """Each row's open tokens first, in causal order, padding after them (so no real token
+        sees padding), one sublayer pass over the (B, most open) batch, and the open rows
+        written back: one gather and one index_copy instead of a forward per row."""
+        B, T, C = x.shape
+        if not open_tokens.any():
+            return x
+        order, valid = pack_mask(open_tokens)  # (B, m)
+        rows = (order + T * torch.arange(B, device=x.device)[:, None]).flatten()
+        x_flat, h_flat = x.reshape(B * T, C), h.reshape(B * T, C)
+        new = self.gated_sublayer(block, x_flat.index_select(0, rows).view(B, -1, C),
+                                  h_flat.index_select(0, rows).view(B, -1, C), 1.0, None)
+        real = valid.flatten()
+        return x_flat.index_copy(0, rows[real], new.reshape(-1, C)[real]).view(B, T, C)
 
     @torch.no_grad()
     def evaluate(self, idx, targets):
