@@ -170,9 +170,8 @@ class MindSkipGPT(GPT):
             if skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
                 x = x + block.attn_update(x, self.layer_cache(cache, i))
             h = (block.ln_2 if skip == "mlp" else block.ln_1)(x)  # the gated sublayer's input; its router reads it too
-            gate = self.gate(i, h, cache)
-            if self.follows_target():
-                scores.append(self.routers[str(i)].score(h).detach().flatten())
+            gate, score = self.gate(i, h, cache)
+            scores.append(score)
             if self.training:
                 x = self.gated_sublayer(block, x, h, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
             elif self.settings.router_level == "sequence":
@@ -186,7 +185,7 @@ class MindSkipGPT(GPT):
         every_gate = torch.cat([g.flatten() for g in gates])
         self.last_capacity = every_gate.detach().mean()
         if self.follows_target():
-            self.record_for_target(torch.cat(scores))
+            self.record_for_target(torch.cat([s.flatten() for s in scores]))
         if self.settings.sparsity == "official":
             return x, {"sparsity": gate_sum_sparsity(gates)}
         return x, {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
@@ -196,16 +195,17 @@ class MindSkipGPT(GPT):
         return None if cache is None else cache.kv.setdefault(i, KVCache())
 
     def gate(self, i, h, cache):
-        """Layer i's gate on h, the gated sublayer's LayerNorm output: (B,) or (B, T) in {0, 1};
-        a sequence gate is replayed from the cache once the prompt has decided it."""
+        """Layer i's gate on h, the gated sublayer's LayerNorm output: (B,) or (B, T) in {0, 1},
+        and its scores (None when replayed): a sequence gate is replayed from the cache once the
+        prompt has decided it."""
         if cache is not None and i in cache.decisions:
-            return cache.decisions[i].float()  # decided on the prompt; decode steps reuse it
+            return cache.decisions[i].float(), None  # decided on the prompt; decode steps reuse it
         # at training and evaluation a sequence gate sees the full sequence (as in the paper);
         # when generating, it sees the prompt only
-        gate = self.routers[str(i)](h, self.score_offset)
+        gate, score = self.routers[str(i)](h, self.score_offset)
         if cache is not None and self.settings.router_level == "sequence":
             cache.decisions[i] = gate.detach() > 0
-        return gate
+        return gate, score
 
     def follows_target(self):
         """True in a tuning forward with --sparsity target and a threshold that can go either way."""

@@ -132,8 +132,10 @@ class MindSkipGate(nn.Module):
             return F.linear(h.float(), self.weight.float()).squeeze(-1)
 
     def forward(self, h, offset=0.0):
-        """g = 1[sigmoid(s + offset) >= threshold], straight-through; offset: see MindSkipGPT."""
-        return straight_through_gate(self.score(h) + offset, self.threshold)
+        """(g, s): g = 1[sigmoid(s + offset) >= threshold], straight-through, and the score s
+        itself, detached (MindSkipGPT's offset follows it); offset: see MindSkipGPT."""
+        score = self.score(h)
+        return straight_through_gate(score + offset, self.threshold), score.detach()
 
 
 def capacity_penalty(gates, target_capacity):

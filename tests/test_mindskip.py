@@ -88,7 +88,7 @@ def record_gates(model):
     """Forward hooks that append each router's decisions (True = open), keyed by layer."""
     opened = {i: [] for i in model.routed}
     for i in model.routed:
-        model.routers[str(i)].register_forward_hook(lambda m, inp, out, i=i: opened[i].append(out.detach() > 0))
+        model.routers[str(i)].register_forward_hook(lambda m, inp, out, i=i: opened[i].append(out[0].detach() > 0))
     return opened
 
 
