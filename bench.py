@@ -12,7 +12,8 @@ Training rows: tokens/s of a full step (forward, backward, AdamW), training FLOP
 (DESIGN.md convention: 6 x matmul weights + 12 d T per attended layer, LM head counted,
 embeddings and norms not), memory, and ratios to the baseline measured in the same run.
 The FLOP ceiling is baseline FLOPs / variant FLOPs: the speed-up a perfect implementation
-would reach. Memory is peak CUDA memory on a GPU, and the bytes autograd saved for the
+would reach. MoM's FLOPs are those of the routing its last timed step took (its routers decide
+how many tokens pick SKIP); every other variant runs what its settings say. Memory is peak CUDA memory on a GPU, and the bytes autograd saved for the
 backward pass (activations) on CPU, where no allocator peak is exposed.
 A variant's own flags (e.g. --capacity for mod) apply to that variant's row.
 
@@ -39,6 +40,7 @@ import torch
 from checkpoint import VARIANTS, data_dir, load_model, pick_device
 from configurator import build as build_settings, fail, parse_value, read_flags
 from model import GPT, GPTConfig
+from mom import MoMGPT
 
 
 @dataclass
@@ -360,6 +362,15 @@ def main(argv):
     return bench_training(cfg, settings, config, device, autocast)
 
 
+def step_flops_per_token(model, T):
+    """Training FLOPs per token of the step just timed. MoM's untrained routers send some tokens
+    to SKIP, so its ceiling (no SKIP) would understate what a perfect implementation could reach:
+    count the routing its last step took instead."""
+    if isinstance(model, MoMGPT):
+        return model.routing_flops_per_token(model.last_routing)
+    return model.flops_per_token(T)
+
+
 def bench_training(cfg, settings, config, device, autocast):
     """One row per variant: tokens/s of a training step, FLOPs, memory, ratios to the baseline."""
     models = {name: build(name, vs, config, cfg.seed).to(device) for name, vs in settings.items()}
@@ -378,7 +389,7 @@ def bench_training(cfg, settings, config, device, autocast):
           f"{'of ceil':>9}{'mem x':>8}{'spread':>8}")
     rows, base = [], None
     for name, model in models.items():
-        flops = model.flops_per_token(cfg.block_size)
+        flops = step_flops_per_token(model, cfg.block_size)
         row = dict(variant=name, tok_s=cfg.batch_size * cfg.block_size / seconds[name][0], flops_per_token=flops,
                    memory_bytes=memory[name], spread=seconds[name][1])
         base = base or row

@@ -30,8 +30,8 @@ import torch.nn as nn
 
 import kernels
 from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import (CausalPredictor, DepthRouter, capacity_to_k, expert_choice_topk, indices_to_mask, pack_mask,
-                    threshold_route, topk_bce_loss)
+from router import (CausalPredictor, DepthRouter, add_rows_, capacity_to_k, expert_choice_topk, indices_to_mask,
+                    pack_mask, threshold_route, topk_bce_loss)
 
 
 @dataclass
@@ -113,7 +113,7 @@ class RoutedBlock(nn.Module):
         returned untouched. valid (B, m) marks padding that must stay as it was.
 
         The rows are picked from x viewed as (B*T, d): index_select copies whole rows, and
-        index_add's gradient for x is the incoming gradient itself, where gather/scatter would
+        add_rows_'s gradient for x is the incoming gradient itself, where gather/scatter would
         copy and zero full-size tensors in the backward pass."""
         B, T, d = x.shape
         rows = (idx + T * torch.arange(B, device=x.device).unsqueeze(1)).flatten()  # (B*m,) rows of x
@@ -122,7 +122,7 @@ class RoutedBlock(nn.Module):
         weighted = self.router_weight(scores.gather(1, idx)).unsqueeze(-1) * self.block_update(x_sub, cache)
         if valid is not None:
             weighted = weighted * valid.unsqueeze(-1)  # padding adds 0: those tokens stay bit for bit
-        return flat.index_add(0, rows, weighted.reshape(-1, d).to(x.dtype)).view(B, T, d)
+        return add_rows_(flat.clone(), rows, weighted.reshape(-1, d).to(x.dtype)).view(B, T, d)
 
     def add_update_fused(self, x, scores, idx):
         """add_update in top-k mode with ln_1 fused into the gather and the weighting into the scatter."""

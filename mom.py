@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, MLP, Block, CausalSelfAttention, KVCache, LayerNorm, attention_flops, block_matmul_params
-from router import ModuleRouter, pack_mask, switch_balance_loss
+from router import ModuleRouter, add_rows_, pack_mask, switch_balance_loss
 
 
 @dataclass
@@ -120,13 +120,21 @@ def by_module(pool, rows, counts, fn):
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def weighted_sum(out, probs, chosen, slots):
-    """Module outputs in slot order (S, C) -> (B, T, C) = sum_k p_jk * output of choice k of
-    token j, SKIP adding nothing. The outputs go back to their slots with one index_copy (each
-    slot once, so no scatter-add), then the K choices of a token are summed."""
+def add_by_module(x, pool, rows, counts, probs, chosen, slots, fn):
+    """x + sum_k p_jk * output of choice k of token j, SKIP adding nothing: every chosen module
+    runs fn on its contiguous slice of rows (slot order) and its weighted outputs are added at
+    their tokens with one add_rows_ into a single copy of x. No zero tensor, no concatenation,
+    and the residual's gradient passes through untouched."""
     B, T, K = chosen.shape
-    weighted = probs.gather(-1, chosen).reshape(-1).index_select(0, slots)[:, None] * out
-    return weighted.new_zeros(B * T * K, out.size(-1)).index_copy(0, slots, weighted).view(B, T, K, -1).sum(2)
+    token = slots // K
+    weight = probs.gather(-1, chosen).reshape(-1).index_select(0, slots)[:, None]  # p of each slot
+    new_x, start = x.reshape(B * T, -1).clone(), 0
+    for module, count in zip(pool, counts):
+        if count:
+            part = slice(start, start + count)
+            add_rows_(new_x, token[part], (weight[part] * fn(module, rows[part])).to(x.dtype))  # no repeats
+        start += count
+    return new_x.view_as(x)
 
 
 def add_all(x, terms):
@@ -247,11 +255,11 @@ class MoMChunk(nn.Module):
         record = {"attn_probs": [], "attn": [], "ffn_probs": [], "ffn": []}
         for h in range(self.steps):
             probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
-            x = x + self.attention_assembly(x, probs, chosen, None if cache is None else cache[h])
+            x = self.attention_assembly(x, probs, chosen, None if cache is None else cache[h])
             record["attn_probs"].append(probs)
             record["attn"].append(chosen)
             probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
-            x = x + self.ffn_assembly(x, probs, chosen)
+            x = self.ffn_assembly(x, probs, chosen)
             record["ffn_probs"].append(probs)
             record["ffn"].append(chosen)
         if self.anchor is not None:
@@ -286,7 +294,7 @@ class MoMChunk(nn.Module):
                            for k, m, p in modules])
 
     def attention_assembly(self, x, probs, chosen, caches=None):
-        """sum_k p_jk * A_{m_jk}(x)_j. q/k/v of different tokens come from different modules, so no
+        """x + sum_k p_jk * A_{m_jk}(x)_j. q/k/v of different tokens come from different modules, so no
         module runs whole: each computes q/k/v for its tokens, attention runs once, then each
         module projects its tokens' outputs."""
         B, T, C = x.shape
@@ -295,7 +303,7 @@ class MoMChunk(nn.Module):
         if slots.numel() == 0:  # every token chose SKIP
             if caches is not None and self.assembly == "official":  # SKIP is still a zero key and value
                 causal_attention(x.new_zeros(B, T, 3 * C), n_head, caches[0])
-            return torch.zeros_like(x)
+            return x
         token = slots // K
         rows = x.reshape(B * T, C).index_select(0, token)  # one gather: each module's tokens sit together
         qkv_sorted = by_module(self.attn_pool, rows, counts, lambda m, part: m.attn.c_attn(m.ln_1(part)))
@@ -312,19 +320,17 @@ class MoMChunk(nn.Module):
             keep = (chosen != N).permute(2, 0, 1).reshape(K * B, T)
             y = cached_attention_among(qkv, keep, n_head, caches)
             y = y.view(K, B, T, C).permute(1, 2, 0, 3).reshape(B * T * K, C)[slots]
-        out = by_module(self.attn_pool, y, counts, lambda m, part: m.attn.resid_dropout(m.attn.c_proj(part)))
-        return weighted_sum(out, probs, chosen, slots).to(x.dtype)
+        return add_by_module(x, self.attn_pool, y, counts, probs, chosen, slots,
+                             lambda m, part: m.attn.resid_dropout(m.attn.c_proj(part)))
 
     def ffn_assembly(self, x, probs, chosen):
-        """sum_k p_jk * F_{m_jk}(x_j): each module runs once, on its contiguous slice of tokens."""
+        """x + sum_k p_jk * F_{m_jk}(x_j): each module runs once, on its contiguous slice of tokens."""
         B, T, C = x.shape
         slots, counts = group_by_module(chosen, len(self.ffn_pool))
         if slots.numel() == 0:
-            return torch.zeros_like(x)
-        token = slots // self.K
-        rows = x.reshape(B * T, C).index_select(0, token)
-        out = by_module(self.ffn_pool, rows, counts, lambda m, part: m.mlp(m.ln_2(part)))
-        return weighted_sum(out, probs, chosen, slots).to(x.dtype)
+            return x
+        rows = x.reshape(B * T, C).index_select(0, slots // self.K)
+        return add_by_module(x, self.ffn_pool, rows, counts, probs, chosen, slots, lambda m, part: m.mlp(m.ln_2(part)))
 
 
 class MoMGPT(GPT):

@@ -95,6 +95,28 @@ def pack_mask(mask):
     return order[:, :m], valid
 
 
+class AddRows(torch.autograd.Function):
+    """x.index_add_(0, index, rows) in place, for index without repeats. torch's own index_add
+    keeps `rows` for its backward although the gradient needs only the index: this version keeps
+    the index alone, which saves a copy of every routed update (MoD and MoM)."""
+
+    @staticmethod
+    def forward(ctx, x, index, rows):
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(index)
+        return x.index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)  # x's gradient passes through untouched
+
+
+def add_rows_(x, index, rows):
+    """x[index[i]] += rows[i] in place (x: (N, d), index: (n,) without repeats, rows: (n, d))."""
+    return AddRows.apply(x, index, rows)
+
+
 # --- the other techniques' routers ------------------------------------------------------------
 
 
