@@ -68,6 +68,7 @@ class BenchConfig:
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
     repeats: int = 5  # timed rounds, the variants interleaved in each (training, decode, prefill); median reported
     csv: str = ""  # also write the rows to this CSV file (for plotting)
+    profile: bool = False  # also print where each variant's CPU time goes (torch.profiler, by kind of op)
 
     def __post_init__(self):
         for flag in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps",
@@ -198,6 +199,42 @@ def median_and_spread(values):
     """The median of the rounds and their spread, (max - min) / median."""
     mid = sorted(values)[len(values) // 2]
     return mid, (max(values) - min(values)) / mid
+
+
+OP_KINDS = {  # torch.profiler op names -> what the time was spent on (the first match counts)
+    "optimizer": ("_foreach_", "Optimizer."),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("scaled_dot_product", "attention"),
+    "moving rows": ("index", "cat", "copy_", "fill_", "zero", "scatter", "gather", "sort", "topk", "stack",
+                    "where", "clone", "bincount", "nonzero", "_local_scalar_dense"),
+}
+
+
+def profile_shares(run):
+    """Share of self CPU time per kind of op (OP_KINDS, the rest "other") in one call of run(),
+    the five ops that took the most, and how many ops it called (not counting ops called by ops)."""
+    with torch.profiler.profile() as prof:
+        run()
+    calls = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1
+    shares = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for name, t in ops:
+        kind = next((k for k, names in OP_KINDS.items() if any(n in name for n in names)), "other")
+        shares[kind] += t / total
+    top = sorted(ops, key=lambda op: -op[1])[:5]
+    return shares, ", ".join(f"{name} {t / total:.0%}" for name, t in top), calls
+
+
+def print_profiles(runs, per):
+    """--profile: one line per variant, where the CPU time of one call went, and its op calls per `per`."""
+    print("# where the CPU time goes (torch.profiler, self time of one call): the AdamW step, matmuls, attention, "
+          "moving rows (gathers, scatters, copies, sorts), other (elementwise ops, norms, views)")
+    for name, run in runs.items():
+        shares, top, calls = profile_shares(run)
+        print(f"{name:<20}" + " ".join(f"{kind} {share:4.0%}" for kind, share in shares.items())
+              + f"   {calls / per[1]:,.0f} ops per {per[0]}   top: {top}")
 
 
 def warn_if_noisy(spreads):
@@ -401,6 +438,9 @@ def bench_training(cfg, settings, config, device, autocast):
               f"{row['memory_ratio']:>7.2f}x{row['spread']:>8.0%}")
     warn_if_noisy({row["variant"]: row["spread"] for row in rows})
     write_csv(cfg.csv, rows)
+    if cfg.profile:
+        print_profiles({name: training_step(model, cfg, device, autocast)[0] for name, model in models.items()},
+                       per=("step", 1))
 
 
 DECODE_CAPACITIES = (0.125, 0.25, 0.5, 1.0)
@@ -496,6 +536,9 @@ def bench_decode(cfg, settings, config, device):
         print("# transformers is not installed: no row for its GPT-2 generate")
     warn_if_noisy({row["variant"]: row["spread"] for row in rows})
     write_csv(cfg.csv, rows)
+    if cfg.profile:
+        print_profiles({name: lambda g=g: g(prompt, cfg.max_new_tokens, True) for name, g in generators.items()},
+                       per=("token", cfg.max_new_tokens))
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """sample.py and bench.py run end to end on tiny settings and reject bad input clearly."""
 
 import csv
+import re
 
 import pytest
 import torch
@@ -138,3 +139,21 @@ def test_bench_measures_trained_checkpoints_on_their_val_set(dataset, tmp_path, 
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
     assert len(rows) == 2 and rows[0][-1] == "1.00x"
 
+
+
+def test_profile_shares_put_each_op_under_its_kind():
+    a, b, index = torch.randn(256, 256), torch.randn(256, 256), torch.randint(256, (4096,))
+    matmul, _, calls = bench.profile_shares(lambda: a @ b)
+    gather, top, _ = bench.profile_shares(lambda: a.index_select(0, index))
+    assert matmul["matmul"] > 0.8 and gather["moving rows"] > 0.8 and "aten::index_select" in top
+    assert sum(matmul.values()) == pytest.approx(1) and sum(gather.values()) == pytest.approx(1) and calls == 1
+
+
+def test_bench_profile_prints_one_line_of_shares_per_variant(capsys):
+    bench.main(TINY_BENCH + ["--batch_size=2", "--steps=1", "--warmup=0", "--repeats=1", "--variants=mod",
+                             "--profile=True"])
+    out = capsys.readouterr().out.split("# where the CPU time goes")[1].splitlines()[1:]
+    for line, name in zip(out, ["baseline", "mod"], strict=True):
+        shares = dict(re.findall(r"(optimizer|matmul|attention|moving rows|other)\s+(\d+)%", line))
+        assert line.startswith(name) and len(shares) == 5 and int(shares["matmul"]) > 0
+        assert 97 <= sum(map(int, shares.values())) <= 103  # rounded shares of one whole
