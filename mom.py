@@ -138,7 +138,7 @@ def add_by_module(x, pool, rows, counts, probs, chosen, slots, fn):
 
 
 def add_all(x, terms):
-    """x + (t_1 + t_2 + ...), summed in choice order as weighted_sum does; x itself if none."""
+    """x + (t_1 + t_2 + ...), x itself if none (one token's weighted module outputs at decode)."""
     if not terms:
         return x
     total = terms[0]

@@ -12,6 +12,7 @@ Flags are the fields of TrainConfig below plus those of the chosen variant's set
 the contract declared at the top of model.py, so nothing here depends on the variant.
 """
 
+import gc
 import json
 import math
 import os
@@ -582,6 +583,10 @@ def main(argv):
 def finish(run):
     if run.ddp:
         dist.barrier()  # no rank tears the group down while another still uses it
+        # DDP holds the process group: free it first, so that the group's gloo threads stop here
+        # rather than at interpreter exit, where they sometimes aborted the process (SIGABRT)
+        run.model = None
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -234,7 +234,7 @@ def run_ddp(argv, out_dir, processes):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "train.py"]
     done = subprocess.run([*launcher, *argv, f"--out_dir={out_dir}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
 
 
