@@ -165,8 +165,10 @@ def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
     past = 0 if cache is None else len(cache)
     if cache is not None:
         k, v = cache.append(k, v)
-    mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(past)
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+    mask = None  # no cache: is_causal; one new token: it may see every key, so no mask at all
+    if past and T > 1:
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(past)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1,
                                                       dropout_p=dropout_p))
 
 
@@ -271,12 +273,13 @@ class MoMChunk(nn.Module):
         each step's chosen modules, as plain module calls. At decode every op is its own small
         kernel, so the general path's sort, gathers and scatters would cost more than the modules."""
         attn_state = ffn_state = None
-        for h in range(self.steps):
+        for h in range(self.steps):  # probabilities and choices as Python numbers: fewer small ops
             probs, chosen, attn_state = self.route(self.attn_router, x, attn_state, h)
-            x = self.one_token_attention(x, probs.view(-1), chosen.view(-1).tolist(), caches[h])
+            x = self.one_token_attention(x, probs.tolist()[0][0], chosen.tolist()[0][0], caches[h])
             probs, chosen, ffn_state = self.route(self.ffn_router, x, ffn_state, h)
-            updates = [probs.view(-1)[m] * self.ffn_pool[m].mlp(self.ffn_pool[m].ln_2(x))
-                       for m in chosen.view(-1).tolist() if m < len(self.ffn_pool)]  # SKIP adds nothing
+            p = probs.tolist()[0][0]
+            updates = [p[m] * self.ffn_pool[m].mlp(self.ffn_pool[m].ln_2(x))
+                       for m in chosen.tolist()[0][0] if m < len(self.ffn_pool)]  # SKIP adds nothing
             x = add_all(x, updates)
         return x
 
