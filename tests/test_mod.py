@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, attention_flops, block_matmul_params
 from mod import MoDConfig, MoDGPT, RoutedBlock, RoutedKVCache
+from router import add_rows_
 
 CONFIG = dict(block_size=32, vocab_size=40, n_layer=4, n_head=2, n_embd=32)
 
@@ -79,6 +80,20 @@ def test_unrouted_tokens_pass_through_bit_identical(mode):
     assert unrouted.any() and block.routed_mask.any()
     assert torch.equal(out[unrouted], x[unrouted])
     assert not torch.allclose(out[block.routed_mask], x[block.routed_mask])
+
+
+def test_add_rows_equals_index_add_in_value_and_gradient_and_keeps_only_the_index():
+    x, rows = torch.randn(6, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    index = torch.tensor([4, 0, 2])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = add_rows_(x.clone(), index, rows)
+    reference = x.index_add(0, index, rows)
+    assert torch.equal(out, reference)
+    grad = torch.randn(6, 4)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, rows), grad), torch.autograd.grad(reference, (x, rows), grad)):
+        assert torch.equal(ours, theirs)
+    assert len(saved) == 1 and torch.equal(saved[0], index)  # not a copy of rows
 
 
 def test_zeroed_output_projections_make_the_routed_block_the_identity():

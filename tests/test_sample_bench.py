@@ -12,6 +12,7 @@ import sample
 import train
 from conftest import tiny_flags
 from mod import MoDConfig, MoDGPT
+from mom import MoMConfig, MoMGPT
 from model import GPT, GPTConfig
 from test_train import user_error
 
@@ -85,6 +86,18 @@ def test_bench_rows_hold_the_ratios_computed_from_their_own_measurements(tmp_pat
     assert rows["mod"]["memory_ratio"] < 1  # 2 of 4 tokens' worth of activations skip the routed block
     mod_line = next(line for line in out.splitlines() if line.startswith("mod"))
     assert f"{rows['mod']['flop_ceiling']:.2f}x" in mod_line
+
+
+def test_bench_counts_the_flops_of_the_routing_a_mom_step_took_not_its_no_skip_ceiling(tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    bench.main(TINY_BENCH + ["--batch_size=2", "--steps=1", "--warmup=0", "--repeats=1", "--variants=mom",
+                             f"--csv={path}"])
+    rows = {row["variant"]: {k: float(v) for k, v in row.items() if k != "variant"}
+            for row in csv.DictReader(path.open())}
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)
+    no_skip = MoMGPT(config, MoMConfig()).flops_per_token(32)
+    assert 0 < rows["mom"]["flops_per_token"] < no_skip  # untrained routers send some choices to SKIP
+    assert rows["mom"]["flop_ceiling"] == pytest.approx(rows["baseline"]["flops_per_token"] / rows["mom"]["flops_per_token"])
 
 
 def test_bench_warns_when_the_rounds_spread_by_more_than_ten_percent(capsys):
