@@ -111,12 +111,10 @@ def group_by_module(chosen, n_modules):
 
 def by_module(pool, rows, counts, fn):
     """fn(module, its contiguous slice of rows) for every module somebody chose, concatenated in
-    slot order (a single chosen module, the usual case at decode, needs no concatenation)."""
-    outs, start = [], 0
-    for module, count in zip(pool, counts):
-        if count:
-            outs.append(fn(module, rows[start:start + count]))
-        start += count
+    slot order (a single chosen module, the usual case at decode, needs no concatenation).
+    Slices come from one split, whose backward joins their gradients with one cat: a slice
+    taken by indexing would write its gradient into a zero tensor of all the rows, per module."""
+    outs = [fn(module, part) for module, part in zip(pool, rows.split(counts)) if len(part)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -126,14 +124,11 @@ def add_by_module(x, pool, rows, counts, probs, chosen, slots, fn):
     their tokens with one add_rows_ into a single copy of x. No zero tensor, no concatenation,
     and the residual's gradient passes through untouched."""
     B, T, K = chosen.shape
-    token = slots // K
     weight = probs.gather(-1, chosen).reshape(-1).index_select(0, slots)[:, None]  # p of each slot
-    new_x, start = x.reshape(B * T, -1).clone(), 0
-    for module, count in zip(pool, counts):
-        if count:
-            part = slice(start, start + count)
-            add_rows_(new_x, token[part], (weight[part] * fn(module, rows[part])).to(x.dtype))  # no repeats
-        start += count
+    new_x = x.reshape(B * T, -1).clone()
+    for module, part, p, token in zip(pool, rows.split(counts), weight.split(counts), (slots // K).split(counts)):
+        if len(part):
+            add_rows_(new_x, token, (p * fn(module, part)).to(x.dtype))  # a module's tokens never repeat
     return new_x.view_as(x)
 
 
