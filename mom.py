@@ -121,8 +121,8 @@ def by_module(pool, rows, counts, fn):
 def add_by_module(x, pool, rows, counts, probs, chosen, slots, fn):
     """x + sum_k p_jk * output of choice k of token j, SKIP adding nothing: every chosen module
     runs fn on its contiguous slice of rows (slot order) and its weighted outputs are added at
-    their tokens with one add_rows_ into a single copy of x. No zero tensor, no concatenation,
-    and the residual's gradient passes through untouched."""
+    their tokens by add_rows_, all into one copy of x. No zero tensor, no concatenation, and the
+    residual's gradient passes through untouched."""
     B, T, K = chosen.shape
     weight = probs.gather(-1, chosen).reshape(-1).index_select(0, slots)[:, None]  # p of each slot
     new_x = x.reshape(B * T, -1).clone()

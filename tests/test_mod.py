@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, attention_flops, block_matmul_params
-from mod import MoDConfig, MoDGPT, RoutedBlock, RoutedKVCache
+from mod import MoDConfig, MoDGPT, RoutedKVCache
 from router import add_rows_
 
 CONFIG = dict(block_size=32, vocab_size=40, n_layer=4, n_head=2, n_embd=32)
