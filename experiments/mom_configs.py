@@ -34,6 +34,7 @@ def draw(rows, path):
         ax.scatter(x, r["val_loss"], marker="s" if r["variant"] == "baseline" else "o")
         ax.annotate(f"{r['run']}\n{r['ms_per_step']:.0f} ms/step", (x, r["val_loss"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
+    ax.margins(x=0.08, y=0.12)  # room for the labels above and right of each point
     ax.set_xlabel("training FLOPs per token the routing took (val)")
     ax.set_ylabel("val loss")
     ax.set_title("Mixture-of-Modules settings, stage 2 from one dense model")
