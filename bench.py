@@ -202,7 +202,6 @@ def median_and_spread(values):
 
 
 OP_KINDS = {  # torch.profiler op names -> what the time was spent on (the first match counts)
-    "optimizer": ("_foreach_", "Optimizer."),
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
     "attention": ("scaled_dot_product", "attention"),
     "moving rows": ("index", "cat", "copy_", "fill_", "zero", "scatter", "gather", "sort", "topk", "stack",
@@ -210,21 +209,31 @@ OP_KINDS = {  # torch.profiler op names -> what the time was spent on (the first
 }
 
 
+def op_kind(event):
+    """"optimizer" for anything run inside an optimizer step (on a CPU AdamW loops over the
+    parameters with ordinary ops), else the OP_KINDS entry of its name, else "other"."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith("Optimizer."):
+            return "optimizer"
+        parent = parent.cpu_parent
+    return next((kind for kind, names in OP_KINDS.items() if any(n in event.name for n in names)), "other")
+
+
 def profile_shares(run):
-    """Share of self CPU time per kind of op (OP_KINDS, the rest "other") in one call of run(),
+    """Share of self CPU time per kind of op (optimizer, OP_KINDS, other) in one call of run(),
     the five ops that took the most, and how many ops it called (not counting ops called by ops)."""
     with torch.profiler.profile() as prof:
         run()
-    calls = sum(1 for e in prof.events() if e.name.startswith("aten::")
+    events = prof.events()
+    calls = sum(1 for e in events if e.name.startswith("aten::")
                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
-    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    total = sum(t for _, t in ops) or 1
-    shares = dict.fromkeys([*OP_KINDS, "other"], 0.0)
-    for name, t in ops:
-        kind = next((k for k, names in OP_KINDS.items() if any(n in name for n in names)), "other")
-        shares[kind] += t / total
-    top = sorted(ops, key=lambda op: -op[1])[:5]
-    return shares, ", ".join(f"{name} {t / total:.0%}" for name, t in top), calls
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    shares = dict.fromkeys(["optimizer", *OP_KINDS, "other"], 0.0)
+    for e in events:
+        shares[op_kind(e)] += e.self_cpu_time_total / total
+    top = sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)[:5]
+    return shares, ", ".join(f"{op.key} {op.self_cpu_time_total / total:.0%}" for op in top), calls
 
 
 def print_profiles(runs, per):

@@ -170,4 +170,5 @@ def test_bench_profile_prints_one_line_of_shares_per_variant(capsys):
     for line, name in zip(out, ["baseline", "mod"], strict=True):
         shares = dict(re.findall(r"(optimizer|matmul|attention|moving rows|other)\s+(\d+)%", line))
         assert line.startswith(name) and len(shares) == 5 and int(shares["matmul"]) > 0
+        assert int(shares["optimizer"]) > 0  # AdamW's per-parameter ops count as the optimizer's
         assert 97 <= sum(map(int, shares.values())) <= 103  # rounded shares of one whole
