@@ -68,7 +68,7 @@ class BenchConfig:
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
     repeats: int = 5  # timed rounds, the variants interleaved in each (training, decode, prefill); median reported
     csv: str = ""  # also write the rows to this CSV file (for plotting)
-    profile: bool = False  # also print where each variant's CPU time goes (torch.profiler, by kind of op)
+    profile: bool = False  # training and --decode rows: also print where each variant's CPU time goes
 
     def __post_init__(self):
         for flag in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps",
