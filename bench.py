@@ -68,7 +68,7 @@ class BenchConfig:
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens taken from the start of val.bin
     repeats: int = 5  # timed rounds, the variants interleaved in each (training, decode, prefill); median reported
     csv: str = ""  # also write the rows to this CSV file (for plotting)
-    profile: bool = False  # training and --decode rows: also print where each variant's CPU time goes
+    profile: bool = False  # also print where each model's CPU time goes (not with --compare_kernels)
 
     def __post_init__(self):
         for flag in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps",
@@ -242,7 +242,7 @@ def print_profiles(runs, per):
           "moving rows (gathers, scatters, copies, sorts), other (elementwise ops, norms, views)")
     for name, run in runs.items():
         shares, top, calls = profile_shares(run)
-        print(f"{name:<20}" + " ".join(f"{kind} {share:4.0%}" for kind, share in shares.items())
+        print(f"{name:<19} " + " ".join(f"{kind} {share:4.0%}" for kind, share in shares.items())
               + f"   {calls / per[1]:,.0f} ops per {per[0]}   top: {top}")
 
 
@@ -339,6 +339,9 @@ def measure_checkpoints(cfg, device, autocast):
     for (path, _, ckpt), m, t in zip(loaded, metrics, medians):
         other = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")
         print(f"{path:<23} {ckpt['variant']:<15}{m['loss']:>9.4f}{t:>11.3f}{t / medians[0]:>7.3f}x  {other}")
+    if cfg.profile:
+        print_profiles({path: lambda model=model: [model(xb) for xb, _ in batches]
+                        for (path, _, _), model in zip(loaded, models)}, per=("batch of 32 windows", len(batches)))
 
 
 def time_routed_block(block, cfg, device, autocast):

@@ -144,15 +144,17 @@ def test_bench_measures_trained_checkpoints_on_their_val_set(dataset, tmp_path, 
     train.main(tiny_flags(dataset, base, max_iters=6, dropout=0.0))
     train.main(tiny_flags(dataset, tuned, variant="router_tuning", init_from=base, max_iters=6, skip_layers="0"))
     capsys.readouterr()
-    bench.main([f"--checkpoints={base},{tuned}", "--prefill=True", "--repeats=1", "--device=cpu"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    bench.main([f"--checkpoints={base},{tuned}", "--prefill=True", "--repeats=1", "--device=cpu", "--profile=True"])
+    table, profiles = capsys.readouterr().out.split("# where the CPU time goes")
+    rows = [line.split() for line in table.splitlines() if line.startswith(str(tmp_path))]
     assert [r[1] for r in rows] == ["baseline", "router_tuning"] and rows[0][4] == "1.000x"
     assert "capacity" in rows[1]  # the tuned model reports how many gates opened
+    profiled = [line.split()[0] for line in profiles.splitlines() if line.startswith(str(tmp_path))]
+    assert profiled == [str(base), str(tuned)]  # --profile: one line of shares per checkpoint
     bench.main([f"--checkpoints={base},{tuned}", "--decode=True", "--max_new_tokens=20", "--prompt_len=4",
                 "--device=cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
     assert len(rows) == 2 and rows[0][-1] == "1.00x"
-
 
 
 def test_profile_shares_put_each_op_under_its_kind():
