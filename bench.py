@@ -323,22 +323,26 @@ def measure_checkpoints(cfg, device, autocast):
         with autocast:
             per_batch = [model.evaluate(xb, yb) for xb, yb in batches]
         metrics.append({k: sum(m[k] * len(xb) for m, (xb, _) in zip(per_batch, batches)) / n for k in per_batch[0]})
-    times = [[] for _ in models]
-    for _ in range(cfg.repeats):  # interleaved, so that a busy machine slows every model alike
-        for i, model in enumerate(models):
-            sync(device)
-            t0 = time.perf_counter()
-            with autocast:
-                for xb, _ in batches:
-                    model(xb)  # prefill: the forward pass without targets
-            sync(device)
-            times[i].append(time.perf_counter() - t0)
-    medians = [sorted(t)[len(t) // 2] for t in times]
+
+    def prefill(model):  # the forward pass without targets, over every val window
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            for xb, _ in batches:
+                model(xb)
+        sync(device)
+        return time.perf_counter() - t0
+
+    rounds = interleaved({i: lambda model=model: prefill(model) for i, model in enumerate(models)}, cfg)
+    seconds = [median_and_spread(rounds[i]) for i in range(len(models))]
     print(f"# prefill of {n} val windows x {T} tokens, batch 32, median of {cfg.repeats}")
-    print(f"{'checkpoint':<24}{'variant':<15}{'val loss':>9}{'prefill s':>11}{'time x':>8}  other metrics")
-    for (path, _, ckpt), m, t in zip(loaded, metrics, medians):
+    print(f"{'checkpoint':<24}{'variant':<15}{'val loss':>9}{'prefill s':>11}{'time x':>8}{'spread':>8}"
+          "  other metrics")
+    for (path, _, ckpt), m, (t, spread) in zip(loaded, metrics, seconds):
         other = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")
-        print(f"{path:<23} {ckpt['variant']:<15}{m['loss']:>9.4f}{t:>11.3f}{t / medians[0]:>7.3f}x  {other}")
+        print(f"{path:<23} {ckpt['variant']:<15}{m['loss']:>9.4f}{t:>11.3f}{t / seconds[0][0]:>7.3f}x"
+              f"{spread:>8.0%}  {other}")
+    warn_if_noisy({path: spread for (path, _, _), (_, spread) in zip(loaded, seconds)})
     if cfg.profile:
         print_profiles({path: lambda model=model: [model(xb) for xb, _ in batches]
                         for (path, _, _), model in zip(loaded, models)}, per=("batch of 32 windows", len(batches)))
