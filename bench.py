@@ -98,6 +98,8 @@ def parse_args(argv):
     cfg = build_settings(BenchConfig, values)
     if cfg.prefill and not cfg.checkpoints:
         fail("--prefill=True measures trained models: pass --checkpoints=dir1,dir2,...")
+    if cfg.profile and cfg.compare_kernels:
+        fail("--profile=True does not apply to --compare_kernels=True: drop one of them")
     names = list(VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
     for name in names:
         if name not in VARIANTS:
@@ -334,7 +336,7 @@ def measure_checkpoints(cfg, device, autocast):
         return time.perf_counter() - t0
 
     rounds = interleaved({i: lambda model=model: prefill(model) for i, model in enumerate(models)}, cfg)
-    seconds = [median_and_spread(rounds[i]) for i in range(len(models))]
+    seconds = [median_and_spread(r) for r in rounds.values()]
     print(f"# prefill of {n} val windows x {T} tokens, batch 32, median of {cfg.repeats}")
     print(f"{'checkpoint':<24}{'variant':<15}{'val loss':>9}{'prefill s':>11}{'time x':>8}{'spread':>8}"
           "  other metrics")
@@ -344,8 +346,8 @@ def measure_checkpoints(cfg, device, autocast):
               f"{spread:>8.0%}  {other}")
     warn_if_noisy({path: spread for (path, _, _), (_, spread) in zip(loaded, seconds)})
     if cfg.profile:
-        print_profiles({path: lambda model=model: [model(xb) for xb, _ in batches]
-                        for (path, _, _), model in zip(loaded, models)}, per=("batch of 32 windows", len(batches)))
+        print_profiles({path: lambda model=model: prefill(model) for (path, _, _), model in zip(loaded, models)},
+                       per=("batch of 32 windows", len(batches)))
 
 
 def time_routed_block(block, cfg, device, autocast):

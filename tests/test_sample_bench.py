@@ -128,6 +128,7 @@ def test_bench_decodes_mod_at_four_capacities_with_routers_set_to_route_that_sha
 @pytest.mark.parametrize("flags, named", [
     (["--layers=2"], "--layers"),
     (["--prefill=True"], "--checkpoints"),
+    (["--profile=True", "--compare_kernels=True"], "--profile"),
     (["--variants=moe"], "--variants"),
     (["--capacity=2"], "--capacity"),
     (["--checkpoints=nowhere"], "nowhere"),
