@@ -1,0 +1,257 @@
+"""
+Cut exercises out of the real code.
+
+    python course/make.py ID --out DIR          a copy of the repo with exercise ID's targets stripped
+    python course/make.py --handout DIR         a copy with every exercise stripped, no history
+    python course/make.py ID --mistake N --out DIR
+                                                a copy with mistake N of exercise ID planted instead
+    python course/make.py --list                the exercises, unit by unit
+
+A target `file.py::Qualified.name` is found with ast. Its body is replaced by
+
+    raise NotImplementedError("exercise ID: see course/exercises/ID.md")
+
+keeping the signature and the docstring; a Triton kernel (a function decorated with
+triton.jit) gets `tl.static_assert(False, ...)` instead, which fails when the kernel compiles.
+A target that does not exist, or a mistake whose text is not found exactly once in its target,
+stops the tool with an error: the kit never drifts silently from the code it is cut from.
+"""
+
+import argparse
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+KIT = Path(__file__).resolve().parent
+ROOT = KIT.parent
+EXERCISES = KIT / "exercises.toml"
+FIELDS = ("id", "unit", "minutes", "title", "targets", "checks", "expected_red", "mistakes")
+NOT_IN_HANDOUT = ("course/INSTRUCTORS.md", "tests/test_course.py")  # answers, and the kit's own test
+
+
+class KitError(Exception):
+    """The kit and the code disagree (a renamed target, a stale mistake): fail loudly."""
+
+
+def marker(exercise_id):
+    return f"exercise {exercise_id}: see course/exercises/{exercise_id}.md"
+
+
+# --- the list of exercises ---------------------------------------------------------------------
+
+def load(path=EXERCISES):
+    """{id: exercise dict}, in the file's order, every field present."""
+    with open(path, "rb") as f:
+        kit = tomllib.load(f)
+    exercises = {}
+    for ex in kit["exercise"]:
+        missing = [name for name in FIELDS if name not in ex]
+        if missing:
+            raise KitError(f"{path.name}: exercise {ex.get('id', '?')} lacks {', '.join(missing)}")
+        if ex["id"] in exercises:
+            raise KitError(f"{path.name}: exercise {ex['id']} is listed twice")
+        if not ex["mistakes"]:
+            raise KitError(f"{path.name}: exercise {ex['id']} lists no mistake")
+        exercises[ex["id"]] = ex
+    return exercises
+
+
+def split_target(target):
+    """'mod.py::RoutedBlock.add_update' -> ('mod.py', ['RoutedBlock', 'add_update'])."""
+    path, sep, qualname = target.partition("::")
+    if not sep or not path.endswith(".py") or not qualname:
+        raise KitError(f"target {target!r} is not of the form file.py::Qualified.name")
+    return path, qualname.split(".")
+
+
+# --- finding a function with ast ---------------------------------------------------------------
+
+def definitions(statements):
+    """Functions and classes defined by these statements, looking inside if/try/with blocks
+    (kernels.py defines its kernels under `if TRITON_AVAILABLE:`) but not inside functions."""
+    for node in statements:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for block in ("body", "orelse", "handlers", "finalbody"):
+                yield from definitions(getattr(node, block, []))
+        elif isinstance(node, ast.ExceptHandler):
+            yield from definitions(node.body)
+
+
+def locate(tree, names, target):
+    """The FunctionDef that names (['Class', 'method']) points to in tree."""
+    scope, node = tree.body, None
+    for name in names:
+        found = [n for n in definitions(scope) if n.name == name]
+        if len(found) != 1:
+            raise KitError(f"target {target}: {'no' if not found else len(found)} definitions of {name!r}")
+        node, scope = found[0], found[0].body
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise KitError(f"target {target} is a class; name one of its methods")
+    return node
+
+
+def is_triton_kernel(node):
+    return any(ast.unparse(d).endswith("jit") for d in node.decorator_list)
+
+
+def body_span(node, lines):
+    """(first, last) 1-based lines of the body to replace: everything after the docstring,
+    including comments between the docstring and the code and right after the last line."""
+    body = node.body
+    has_docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                     and isinstance(body[0].value.value, str))
+    code = body[1:] if has_docstring else body
+    if not code:
+        raise KitError(f"{node.name}: nothing after the docstring to strip")
+    first = min([code[0].lineno] + [d.lineno for d in getattr(code[0], "decorator_list", [])])
+    if first == node.lineno:
+        raise KitError(f"{node.name}: a one-line def cannot be stripped")
+    start = body[0].end_lineno + 1 if has_docstring else first
+    while not has_docstring and start > node.lineno + 1 and lines[start - 2].strip().startswith("#"):
+        start -= 1  # comments above the first statement belong to the body
+    last = node.end_lineno
+    indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
+    while last < len(lines) and lines[last].strip().startswith("#") and \
+            len(lines[last]) - len(lines[last].lstrip()) >= indent:
+        last += 1  # trailing comments at the body's indentation
+    return start, last, indent
+
+
+# --- editing sources ---------------------------------------------------------------------------
+
+def strip(source, target, exercise_id):
+    """source with target's body replaced by the exercise's marker."""
+    _, names = split_target(target)
+    lines = source.split("\n")
+    node = locate(ast.parse(source), names, target)
+    start, last, indent = body_span(node, lines)
+    if is_triton_kernel(node):  # fails when the kernel is compiled, whatever the arguments
+        stub = f'tl.static_assert(False, "{marker(exercise_id)}")'
+    else:
+        stub = f'raise NotImplementedError("{marker(exercise_id)}")'
+    return "\n".join(lines[:start - 1] + [" " * indent + stub] + lines[last:])
+
+
+def plant(source, mistake):
+    """source with a mistake's `find` replaced by its `replace`, inside its target only."""
+    target = mistake["target"]
+    _, names = split_target(target)
+    lines = source.split("\n")
+    node = locate(ast.parse(source), names, target)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    before, body, after = lines[:first - 1], "\n".join(lines[first - 1:node.end_lineno]), lines[node.end_lineno:]
+    count = body.count(mistake["find"])
+    if count != 1:
+        raise KitError(f"mistake in {target}: {mistake['find']!r} occurs {count} times there, not once")
+    new = "\n".join(before + [body.replace(mistake["find"], mistake["replace"])] + after)
+    ast.parse(new)  # a mistake is a plausible bug, never a syntax error
+    return new
+
+
+def stripped_files(root, exercises):
+    """{relative path: new source} with every target of these exercises stripped."""
+    sources = {}
+    for ex in exercises:
+        for target in ex["targets"]:
+            path, _ = split_target(target)
+            if path not in sources:
+                if not (root / path).is_file():
+                    raise KitError(f"target {target}: {path} does not exist")
+                sources[path] = (root / path).read_text()
+            sources[path] = strip(sources[path], target, ex["id"])
+    return sources
+
+
+def mistake_files(root, exercise, number):
+    """{relative path: new source} with mistake `number` (1-based) of the exercise planted."""
+    mistakes = exercise["mistakes"]
+    if not 1 <= number <= len(mistakes):
+        raise KitError(f"exercise {exercise['id']} has mistakes 1..{len(mistakes)}, not {number}")
+    mistake = mistakes[number - 1]
+    path, _ = split_target(mistake["target"])
+    if mistake["target"] not in exercise["targets"]:
+        raise KitError(f"exercise {exercise['id']}: mistake {number} is in {mistake['target']}, not a target")
+    return {path: plant((root / path).read_text(), mistake)}
+
+
+# --- copying the repository --------------------------------------------------------------------
+
+def repo_files(root):
+    """Relative paths of the files a copy holds: tracked and untracked-but-not-ignored ones when
+    root is a git checkout, every file but caches and virtual environments otherwise."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, check=True).stdout
+        return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", "__pycache__", ".pytest_cache"}
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                      and not skip & set(p.relative_to(root).parts)
+                      and not any(part.startswith((".venv", "out")) for part in p.relative_to(root).parts))
+
+
+def copy_repo(root, out, leave_out=()):
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise KitError(f"{out} exists and is not empty: choose a new folder")
+    for rel in repo_files(root):
+        if rel in leave_out:
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, out / rel)
+
+
+def write(out, files):
+    for rel, text in files.items():
+        Path(out, rel).write_text(text)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Cut exercises out of the real code.")
+    parser.add_argument("id", nargs="?", help="an exercise id from course/exercises.toml")
+    parser.add_argument("--out", help="write a copy of the repo with the exercise stripped here")
+    parser.add_argument("--handout", help="write a copy with every exercise stripped here")
+    parser.add_argument("--mistake", type=int, help="plant this mistake (1-based) instead of stripping")
+    parser.add_argument("--exercises", default=str(EXERCISES), help="the list of exercises (a TOML file)")
+    parser.add_argument("--list", action="store_true", help="list the exercises and exit")
+    args = parser.parse_args(argv)
+    try:
+        exercises = load(Path(args.exercises))
+        if args.list:
+            for ex in exercises.values():
+                print(f"unit {ex['unit']}  {ex['id']:<24} {ex['minutes']:>3} min  {ex['title']}")
+            return 0
+        if args.handout:
+            if args.id or args.out or args.mistake:
+                raise KitError("--handout takes no exercise id, --out or --mistake")
+            files = stripped_files(ROOT, exercises.values())
+            copy_repo(ROOT, args.handout, leave_out=NOT_IN_HANDOUT)
+            write(args.handout, files)
+            print(f"{args.handout}: every exercise stripped ({len(exercises)}); start with course/README.md")
+            return 0
+        if not args.id or not args.out:
+            raise KitError("give an exercise id and --out DIR (or --handout DIR, or --list)")
+        if args.id not in exercises:
+            raise KitError(f"no exercise {args.id!r}; `python course/make.py --list` lists them")
+        ex = exercises[args.id]
+        files = mistake_files(ROOT, ex, args.mistake) if args.mistake else stripped_files(ROOT, [ex])
+        copy_repo(ROOT, args.out)
+        write(args.out, files)
+        what = f"mistake {args.mistake} planted" if args.mistake else "stripped"
+        print(f"{args.out}: exercise {args.id} {what}; then: cd {args.out} && python course/check.py {args.id}")
+        return 0
+    except KitError as e:
+        print(f"make.py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

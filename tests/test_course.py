@@ -1,0 +1,144 @@
+"""
+The course kit (course/) is honest: for every exercise of course/exercises.toml its checks pass
+on the real code (each within 30 s), all fail when its targets are stripped, and every listed
+mistake is caught by at least one of them; a target or check that no longer exists fails here,
+loudly. Two copies of the repository are made and patched in turn, and each (exercise, state)
+runs its checks in one pytest subprocess on one thread (course/check.py's runner).
+"""
+
+import compileall
+import queue
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "course"))
+import check  # noqa: E402
+import make  # noqa: E402
+
+EXERCISES = make.load()
+MISTAKES = [(ex_id, n) for ex_id, ex in EXERCISES.items() for n in range(1, len(ex["mistakes"]) + 1)]
+SECONDS_PER_CHECK = 30
+WORKERS = 2
+
+
+def states():
+    """Every (exercise, state) the kit is proved on: 'stripped', or mistake n."""
+    for ex_id, ex in EXERCISES.items():
+        yield ex_id, "stripped"
+        yield from ((ex_id, n) for n in range(1, len(ex["mistakes"]) + 1))
+
+
+def run_state(folder, ex_id, state):
+    """The exercise's checks in folder with the state's files written in, then put back. A
+    mistake needs one failing check, so that run stops at the first."""
+    ex = EXERCISES[ex_id]
+    files = make.stripped_files(folder, [ex]) if state == "stripped" else make.mistake_files(folder, ex, state)
+    originals = {rel: (folder / rel).read_text() for rel in files}
+    try:
+        make.write(folder, files)
+        return check.run_checks(folder, ex["checks"], stop_at_first_failure=state != "stripped")
+    finally:
+        make.write(folder, originals)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """{(exercise, state): check results}, two states at a time (CI has two cores), each worker
+    in its own copy of the repository."""
+    copies = queue.Queue()
+    for i in range(WORKERS):
+        folder = tmp_path_factory.mktemp(f"course{i}") / "repo"
+        make.copy_repo(ROOT, folder)
+        copies.put(folder)
+
+    def run(key):
+        folder = copies.get()
+        try:
+            return key, run_state(folder, *key)
+        finally:
+            copies.put(folder)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(pool.map(run, states()))
+
+
+def spans(exercises):
+    """(file, first line, last line, target) of every target's body."""
+    import ast
+    out = []
+    for ex in exercises:
+        for target in ex["targets"]:
+            path, names = make.split_target(target)
+            source = (ROOT / path).read_text()
+            node = make.locate(ast.parse(source), names, target)
+            out.append((path, node.lineno, node.end_lineno, target))
+    return sorted(out)
+
+
+# --- the kit against the code, without running tests -------------------------------------------
+
+def test_every_target_and_mistake_resolves_and_no_two_targets_overlap():
+    make.stripped_files(ROOT, EXERCISES.values())  # raises on a missing target
+    for ex_id, n in MISTAKES:
+        make.mistake_files(ROOT, EXERCISES[ex_id], n)  # raises unless `find` occurs once in its target
+    for a, b in zip(spans(EXERCISES.values()), spans(EXERCISES.values())[1:]):
+        assert a[0] != b[0] or a[2] < b[1], f"{a[3]} and {b[3]} overlap: stripping one strips the other"
+
+
+def test_a_renamed_target_or_a_stale_mistake_fails_loudly():
+    ex = dict(EXERCISES["expert_choice_topk"])
+    with pytest.raises(make.KitError, match="no definitions"):
+        make.stripped_files(ROOT, [dict(ex, targets=["router.py::expert_choice_top_k"])])
+    with pytest.raises(make.KitError, match="occurs 0 times"):
+        make.mistake_files(ROOT, dict(ex, mistakes=[dict(ex["mistakes"][0], find="no such text")]), 1)
+    assert make.main(["expert_choice_topk", "--out", str(ROOT / "course")]) == 2  # not an empty folder
+
+
+def test_every_exercise_has_a_page_and_a_unit_of_the_course_readme():
+    readme = (ROOT / "course" / "README.md").read_text()
+    for ex_id, ex in EXERCISES.items():
+        page = ROOT / "course" / "exercises" / f"{ex_id}.md"
+        assert page.is_file(), f"{page} is missing"
+        assert ex_id in readme, f"course/README.md never names {ex_id}"
+        assert ex["minutes"] > 0 and ex["checks"], ex_id
+
+
+def test_the_handout_strips_every_exercise_and_still_compiles(tmp_path):
+    out = tmp_path / "handout"
+    assert make.main(["--handout", str(out)]) == 0
+    assert not (out / ".git").exists() and not (out / "course" / "INSTRUCTORS.md").exists()
+    for ex_id, ex in EXERCISES.items():
+        for path in {make.split_target(t)[0] for t in ex["targets"]}:
+            assert make.marker(ex_id) in (out / path).read_text()
+    assert compileall.compile_dir(out, quiet=1, legacy=False, force=True)
+    assert check.still_stripped(out, EXERCISES) == list(EXERCISES)
+
+
+# --- the kit against the code, running the checks ----------------------------------------------
+
+def test_every_check_exists_and_passes_on_the_real_code_within_30_seconds():
+    checks = sorted({c for ex in EXERCISES.values() for c in ex["checks"]})
+    results = check.run_checks(ROOT, checks, time_limit=600)
+    bad = {c: r for c, r in results.items() if r[0] != "passed"}
+    assert not bad, "\n".join(f"{c}: {r[0]} {r[2][:500]}" for c, r in bad.items())
+    slow = {c: r[1] for c, r in results.items() if r[1] > SECONDS_PER_CHECK}
+    assert not slow, f"checks over {SECONDS_PER_CHECK} s: {slow}"
+
+
+@pytest.mark.parametrize("ex_id", list(EXERCISES))
+def test_every_check_fails_on_the_stripped_exercise(outcomes, ex_id):
+    results = outcomes[ex_id, "stripped"]
+    passed = [c for c, (outcome, _, _) in results.items() if outcome == "passed"]
+    assert not passed, f"these checks pass without exercise {ex_id}: {passed}"
+    unrelated = [c for c, (_, _, message) in results.items() if f"exercise {ex_id}" not in message]
+    assert not unrelated, f"these checks fail for another reason than the stripped code: {unrelated}"
+
+
+@pytest.mark.parametrize("ex_id, n", MISTAKES, ids=[f"{e}-{n}" for e, n in MISTAKES])
+def test_every_listed_mistake_is_caught_by_a_check(outcomes, ex_id, n):
+    caught = [c for c, (outcome, _, _) in outcomes[ex_id, n].items() if outcome in ("failed", "error", "timeout")]
+    assert caught, f"no check catches mistake {n} of {ex_id}: {EXERCISES[ex_id]['mistakes'][n - 1]['what']}"
