@@ -26,21 +26,34 @@ WORKERS = 2
 
 
 def states():
-    """Every (exercise, state) the kit is proved on: 'stripped', or mistake n."""
+    """Every (exercise, state) the kit is proved on: 'stripped'; mistake n; 'in order': every
+    later exercise stripped, as in a handout worked through in order."""
     for ex_id, ex in EXERCISES.items():
         yield ex_id, "stripped"
         yield from ((ex_id, n) for n in range(1, len(ex["mistakes"]) + 1))
+        if later(ex_id):
+            yield ex_id, "in order"
+
+
+def later(ex_id):
+    ids = list(EXERCISES)
+    return [EXERCISES[i] for i in ids[ids.index(ex_id) + 1:]]
 
 
 def run_state(folder, ex_id, state):
     """The exercise's checks in folder with the state's files written in, then put back. A
     mistake needs one failing check, so that run stops at the first."""
     ex = EXERCISES[ex_id]
-    files = make.stripped_files(folder, [ex]) if state == "stripped" else make.mistake_files(folder, ex, state)
+    if state == "stripped":
+        files = make.stripped_files(folder, [ex])
+    elif state == "in order":
+        files = make.stripped_files(folder, later(ex_id))
+    else:
+        files = make.mistake_files(folder, ex, state)
     originals = {rel: (folder / rel).read_text() for rel in files}
     try:
         make.write(folder, files)
-        return check.run_checks(folder, ex["checks"], stop_at_first_failure=state != "stripped")
+        return check.run_checks(folder, ex["checks"], stop_at_first_failure=isinstance(state, int))
     finally:
         make.write(folder, originals)
 
@@ -142,3 +155,11 @@ def test_every_check_fails_on_the_stripped_exercise(outcomes, ex_id):
 def test_every_listed_mistake_is_caught_by_a_check(outcomes, ex_id, n):
     caught = [c for c, (outcome, _, _) in outcomes[ex_id, n].items() if outcome in ("failed", "error", "timeout")]
     assert caught, f"no check catches mistake {n} of {ex_id}: {EXERCISES[ex_id]['mistakes'][n - 1]['what']}"
+
+
+@pytest.mark.parametrize("ex_id", [e for e in EXERCISES if later(e)])
+def test_every_exercise_passes_with_the_later_ones_still_stripped(outcomes, ex_id):
+    """A handout is worked in the order of exercises.toml: no check may need a later exercise."""
+    results = outcomes[ex_id, "in order"]
+    bad = {c: r[0] for c, r in results.items() if r[0] != "passed"}
+    assert not bad, f"{ex_id}'s checks need a later exercise's code: {bad}"
