@@ -5,8 +5,8 @@ on one CPU thread with a time limit.
     python course/check.py ID            from the root of the copy you work in
 
 Passes (exit code 0) only when every check ran and passed: a crash, a skip, a check that does
-not exist and a run past the time limit all count as failures. While other exercises are still
-stripped in this copy, their tests are red too: it prints which ones to expect.
+not exist and a run past the time limit all count as failures. While the exercise (or another
+one) is still stripped, other tests of the suite fail too: it prints which ones to expect.
 """
 
 import argparse
@@ -23,6 +23,7 @@ from make import KitError, load, marker, split_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LIMIT = 120  # seconds for one exercise's checks; each should take well under 30 s
+JUNIT_TAGS = {"failure": "failed", "error": "error", "skipped": "skipped"}
 
 
 def one_thread_env():
@@ -36,27 +37,41 @@ def one_thread_env():
 
 def run_checks(root, checks, time_limit=TIME_LIMIT, stop_at_first_failure=False):
     """{node id: (outcome, seconds, message)} with outcome passed | failed | error | skipped |
-    missing | timeout, for every check, from one pytest subprocess in root."""
+    missing | crash | timeout, for every check, from one pytest subprocess in root."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-                   "junit_family=xunit1", f"--junitxml={report}", *(["-x"] if stop_at_first_failure else []),
-                   *checks]
-        proc = subprocess.Popen(command, cwd=root, env=one_thread_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   "-o", "junit_family=xunit1", f"--junitxml={report}",
+                   *(["-x"] if stop_at_first_failure else []), *checks]
+        proc = subprocess.Popen(command, cwd=root, env=one_thread_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=time_limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: pytest and its children
             proc.communicate()
             return {c: ("timeout", time_limit, f"no result within {time_limit} s") for c in checks}
         results = parse_report(report, checks) if report.exists() else {}
+    crashed = proc.returncode < 0 or "Fatal Python error" in output  # killed by a signal
     for check in checks:
         if check not in results:
-            why = "not found: the test was renamed or removed" if check in output else \
-                "did not run: pytest stopped before it (a check not found, or a collection error)"
-            results[check] = ("missing", 0.0, why + "\n" + output[-2000:])
+            results[check] = not_run(check, output, crashed)
     return results
+
+
+def not_run(check, output, crashed):
+    """The result of a check pytest never reported."""
+    if crashed:
+        lines = [line.strip() for line in output.splitlines()]
+        fatal = next((x for x in lines if x.startswith("Fatal Python error")), "killed by a signal")
+        frame = next((x for x in lines if x.startswith("File") and "site-packages" not in x
+                      and "<frozen" not in x), "")
+        return "crash", 0.0, f"the test process died: {fatal}\n{frame}"
+    if check in output:
+        return "missing", 0.0, "not found: the test was renamed or removed\n" + output[-2000:]
+    return "missing", 0.0, ("did not run: pytest stopped before it (a check not found, or a "
+                            "collection error)\n" + output[-2000:])
 
 
 def parse_report(report, checks):
@@ -64,15 +79,13 @@ def parse_report(report, checks):
     results = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         file = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
-        node = f"{file}::{case.get('name')}"
         outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
+        for tag, name in JUNIT_TAGS.items():
             child = case.find(tag)
             if child is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (child.get("message") or "") + "\n" + (child.text or "")
+                outcome, message = name, (child.get("message") or "") + "\n" + (child.text or "")
                 break
-        results[node] = (outcome, float(case.get("time", 0)), message)
+        results[f"{file}::{case.get('name')}"] = (outcome, float(case.get("time", 0)), message)
     return {c: results[c] for c in checks if c in results}
 
 
@@ -80,42 +93,52 @@ def still_stripped(root, exercises):
     """Ids of the exercises whose marker is still in one of their target files."""
     left = []
     for ex in exercises.values():
-        files = {split_target(t)[0] for t in ex["targets"]}
-        if any(marker(ex["id"]) in (root / f).read_text() for f in files if (root / f).exists()):
+        files = {root / split_target(t)[0] for t in ex["targets"]}
+        if any(f.exists() and marker(ex["id"]) in f.read_text() for f in files):
             left.append(ex["id"])
     return left
+
+
+def report(results):
+    for check, (outcome, seconds, message) in results.items():
+        mark = "ok  " if outcome == "passed" else "FAIL"
+        print(f"  {mark} {outcome:<8} {seconds:5.1f} s  {check}")
+        if outcome != "passed":
+            lines = message.strip().splitlines()
+            errors = [line for line in lines if line.startswith("E ")][:4] or lines[-4:]
+            shown = errors + [line for line in lines[-1:] if line not in errors]
+            print("       " + "\n       ".join(shown))
+
+
+def expected_red(exercises, ex_id, passed):
+    """Print the tests that are red, and should be, besides this exercise's checks."""
+    if not passed:
+        print(f"until exercise {ex_id} passes, these tests are red too (expected):")
+        print("  " + "\n  ".join(exercises[ex_id]["expected_red"] or ["none"]))
+    others = [i for i in still_stripped(ROOT, exercises) if i != ex_id]
+    if others:
+        print(f"still stripped in this copy: {', '.join(others)}; their tests are red as well:")
+        print("  " + "\n  ".join(sorted({t for i in others for t in exercises[i]["expected_red"]})))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run one exercise's checks.")
     parser.add_argument("id", help="an exercise id from course/exercises.toml")
-    parser.add_argument("--time_limit", type=int, default=TIME_LIMIT, help="seconds for all checks")
+    parser.add_argument("--time_limit", type=int, default=TIME_LIMIT, help="seconds, all checks")
     args = parser.parse_args(argv)
     try:
         exercises = load()
+        if args.id not in exercises:
+            raise KitError(f"no exercise {args.id!r}; `python course/make.py --list` lists them")
     except KitError as e:
         print(f"check.py: {e}", file=sys.stderr)
         return 2
-    if args.id not in exercises:
-        print(f"check.py: no exercise {args.id!r}; `python course/make.py --list` lists them", file=sys.stderr)
-        return 2
-    ex = exercises[args.id]
-    print(f"exercise {args.id}: {len(ex['checks'])} checks, one CPU thread, {args.time_limit} s limit")
-    results = run_checks(ROOT, ex["checks"], args.time_limit)
-    for check, (outcome, seconds, message) in results.items():
-        print(f"  {'ok  ' if outcome == 'passed' else 'FAIL'} {outcome:<8} {seconds:5.1f} s  {check}")
-        if outcome != "passed":
-            lines = message.strip().splitlines()
-            errors = [line for line in lines if line.startswith("E ")][:4] or lines[-4:]
-            print("       " + "\n       ".join(errors + [line for line in lines[-1:] if line not in errors]))
+    checks = exercises[args.id]["checks"]
+    print(f"exercise {args.id}: {len(checks)} checks, one CPU thread, {args.time_limit} s limit")
+    results = run_checks(ROOT, checks, args.time_limit)
+    report(results)
     passed = all(outcome == "passed" for outcome, _, _ in results.values())
-    if not passed:
-        print(f"until exercise {args.id} passes, these tests are red too (expected):")
-        print("  " + "\n  ".join(ex["expected_red"] or ["none"]))
-    others = [ex_id for ex_id in still_stripped(ROOT, exercises) if ex_id != args.id]
-    if others:
-        print(f"still stripped in this copy: {', '.join(others)}; their tests are red as well:")
-        print("  " + "\n  ".join(sorted({t for i in others for t in exercises[i]["expected_red"]})))
+    expected_red(exercises, args.id, passed)
     print(f"exercise {args.id}: {'PASSED' if passed else 'not yet'}")
     return 0 if passed else 1
 

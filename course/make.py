@@ -1,11 +1,11 @@
 """
 Cut exercises out of the real code.
 
-    python course/make.py ID --out DIR          a copy of the repo with exercise ID's targets stripped
-    python course/make.py --handout DIR         a copy with every exercise stripped, no history
+    python course/make.py ID --out DIR        a copy of the repo, exercise ID's targets stripped
+    python course/make.py --handout DIR       a copy with every exercise stripped, no history
     python course/make.py ID --mistake N --out DIR
-                                                a copy with mistake N of exercise ID planted instead
-    python course/make.py --list                the exercises, unit by unit
+                                              a copy with mistake N of exercise ID planted instead
+    python course/make.py --list              the exercises, unit by unit
 
 A target `file.py::Qualified.name` is found with ast. Its body is replaced by
 
@@ -30,7 +30,8 @@ KIT = Path(__file__).resolve().parent
 ROOT = KIT.parent
 EXERCISES = KIT / "exercises.toml"
 FIELDS = ("id", "unit", "minutes", "title", "targets", "checks", "expected_red", "mistakes")
-NOT_IN_HANDOUT = ("course/INSTRUCTORS.md", "tests/test_course.py")  # answers, and the kit's own test
+# the answers, and the kit's own test (it needs the real code)
+NOT_IN_HANDOUT = ("course/INSTRUCTORS.md", "tests/test_course.py")
 
 
 class KitError(Exception):
@@ -89,7 +90,8 @@ def locate(tree, names, target):
     for name in names:
         found = [n for n in definitions(scope) if n.name == name]
         if len(found) != 1:
-            raise KitError(f"target {target}: {'no' if not found else len(found)} definitions of {name!r}")
+            how_many = len(found) or "no"
+            raise KitError(f"target {target}: {how_many} definitions of {name!r}")
         node, scope = found[0], found[0].body
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise KitError(f"target {target} is a class; name one of its methods")
@@ -113,7 +115,7 @@ def body_span(node, lines):
     if first == node.lineno:
         raise KitError(f"{node.name}: a one-line def cannot be stripped")
     start = body[0].end_lineno + 1 if has_docstring else first
-    while not has_docstring and start > node.lineno + 1 and lines[start - 2].strip().startswith("#"):
+    while not has_docstring and start > node.lineno + 1 and lines[start - 2].lstrip()[:1] == "#":
         start -= 1  # comments above the first statement belong to the body
     last = node.end_lineno
     indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
@@ -145,10 +147,12 @@ def plant(source, mistake):
     lines = source.split("\n")
     node = locate(ast.parse(source), names, target)
     first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    before, body, after = lines[:first - 1], "\n".join(lines[first - 1:node.end_lineno]), lines[node.end_lineno:]
+    before, after = lines[:first - 1], lines[node.end_lineno:]
+    body = "\n".join(lines[first - 1:node.end_lineno])
     count = body.count(mistake["find"])
     if count != 1:
-        raise KitError(f"mistake in {target}: {mistake['find']!r} occurs {count} times there, not once")
+        raise KitError(f"mistake in {target}: {mistake['find']!r} occurs {count} times there, "
+                       f"not once")
     new = "\n".join(before + [body.replace(mistake["find"], mistake["replace"])] + after)
     ast.parse(new)  # a mistake is a plausible bug, never a syntax error
     return new
@@ -176,7 +180,8 @@ def mistake_files(root, exercise, number):
     mistake = mistakes[number - 1]
     path, _ = split_target(mistake["target"])
     if mistake["target"] not in exercise["targets"]:
-        raise KitError(f"exercise {exercise['id']}: mistake {number} is in {mistake['target']}, not a target")
+        raise KitError(f"exercise {exercise['id']}: mistake {number} is in {mistake['target']}, "
+                       f"not one of its targets")
     return {path: plant((root / path).read_text(), mistake)}
 
 
@@ -186,14 +191,14 @@ def repo_files(root):
     """Relative paths of the files a copy holds: tracked and untracked-but-not-ignored ones when
     root is a git checkout, every file but caches and virtual environments otherwise."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=root, capture_output=True, check=True).stdout
+        command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+        out = subprocess.run(command, cwd=root, capture_output=True, check=True).stdout
         return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", "__pycache__", ".pytest_cache"}
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-                      and not skip & set(p.relative_to(root).parts)
-                      and not any(part.startswith((".venv", "out")) for part in p.relative_to(root).parts))
+        paths = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(str(p) for p in paths if not skip & set(p.parts)
+                      and not any(part.startswith((".venv", "out")) for part in p.parts))
 
 
 def copy_repo(root, out, leave_out=()):
@@ -214,39 +219,49 @@ def write(out, files):
 
 # --- command line ------------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="Cut exercises out of the real code.")
     parser.add_argument("id", nargs="?", help="an exercise id from course/exercises.toml")
     parser.add_argument("--out", help="write a copy of the repo with the exercise stripped here")
     parser.add_argument("--handout", help="write a copy with every exercise stripped here")
-    parser.add_argument("--mistake", type=int, help="plant this mistake (1-based) instead of stripping")
-    parser.add_argument("--exercises", default=str(EXERCISES), help="the list of exercises (a TOML file)")
+    parser.add_argument("--mistake", type=int, help="plant this mistake (1-based), not the stub")
+    parser.add_argument("--exercises", default=str(EXERCISES),
+                        help="the list of exercises (a TOML file; your own for held-out mistakes)")
     parser.add_argument("--list", action="store_true", help="list the exercises and exit")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def handout(exercises, out):
+    files = stripped_files(ROOT, exercises.values())
+    copy_repo(ROOT, out, leave_out=NOT_IN_HANDOUT)
+    write(out, files)
+    print(f"{out}: every exercise stripped ({len(exercises)}); start with course/README.md")
+
+
+def one_exercise(exercises, ex_id, out, mistake=None):
+    if ex_id not in exercises:
+        raise KitError(f"no exercise {ex_id!r}; `python course/make.py --list` lists them")
+    ex = exercises[ex_id]
+    files = mistake_files(ROOT, ex, mistake) if mistake else stripped_files(ROOT, [ex])
+    copy_repo(ROOT, out)
+    write(out, files)
+    what = f"mistake {mistake} planted" if mistake else "stripped"
+    print(f"{out}: exercise {ex_id} {what}; next: cd {out} && python course/check.py {ex_id}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         exercises = load(Path(args.exercises))
         if args.list:
             for ex in exercises.values():
-                print(f"unit {ex['unit']}  {ex['id']:<24} {ex['minutes']:>3} min  {ex['title']}")
-            return 0
-        if args.handout:
-            if args.id or args.out or args.mistake:
-                raise KitError("--handout takes no exercise id, --out or --mistake")
-            files = stripped_files(ROOT, exercises.values())
-            copy_repo(ROOT, args.handout, leave_out=NOT_IN_HANDOUT)
-            write(args.handout, files)
-            print(f"{args.handout}: every exercise stripped ({len(exercises)}); start with course/README.md")
-            return 0
-        if not args.id or not args.out:
-            raise KitError("give an exercise id and --out DIR (or --handout DIR, or --list)")
-        if args.id not in exercises:
-            raise KitError(f"no exercise {args.id!r}; `python course/make.py --list` lists them")
-        ex = exercises[args.id]
-        files = mistake_files(ROOT, ex, args.mistake) if args.mistake else stripped_files(ROOT, [ex])
-        copy_repo(ROOT, args.out)
-        write(args.out, files)
-        what = f"mistake {args.mistake} planted" if args.mistake else "stripped"
-        print(f"{args.out}: exercise {args.id} {what}; then: cd {args.out} && python course/check.py {args.id}")
+                print(f"unit {ex['unit']}  {ex['id']:<22} {ex['minutes']:>3} min  {ex['title']}")
+        elif args.handout and not (args.id or args.out or args.mistake):
+            handout(exercises, args.handout)
+        elif args.id and args.out and not args.handout:
+            one_exercise(exercises, args.id, args.out, args.mistake)
+        else:
+            raise KitError("give an exercise id and --out DIR, or --handout DIR alone, or --list")
         return 0
     except KitError as e:
         print(f"make.py: {e}", file=sys.stderr)

@@ -1,11 +1,14 @@
 """
 The course kit (course/) is honest: for every exercise of course/exercises.toml its checks pass
-on the real code (each within 30 s), all fail when its targets are stripped, and every listed
-mistake is caught by at least one of them; a target or check that no longer exists fails here,
-loudly. Two copies of the repository are made and patched in turn, and each (exercise, state)
-runs its checks in one pytest subprocess on one thread (course/check.py's runner).
+on the real code (each within 30 s), all fail when its targets are stripped, every listed
+mistake is caught by at least one of them, and no check needs a later exercise's code (the
+order a handout is worked in). A target or check that no longer exists fails here, loudly.
+
+Two copies of the repository are patched in turn; each (exercise, state) runs its checks in one
+pytest subprocess on one thread (course/check.py's runner), two at a time.
 """
 
+import ast
 import compileall
 import queue
 import sys
@@ -20,24 +23,27 @@ import check  # noqa: E402
 import make  # noqa: E402
 
 EXERCISES = make.load()
-MISTAKES = [(ex_id, n) for ex_id, ex in EXERCISES.items() for n in range(1, len(ex["mistakes"]) + 1)]
+MISTAKES = [(ex_id, n) for ex_id, ex in EXERCISES.items()
+            for n in range(1, len(ex["mistakes"]) + 1)]
 SECONDS_PER_CHECK = 30
-WORKERS = 2
+WORKERS = 2  # CI has two cores
+CAUGHT = ("failed", "error", "crash", "timeout")
+
+
+def later(ex_id):
+    """The exercises after ex_id in the file's order."""
+    ids = list(EXERCISES)
+    return [EXERCISES[i] for i in ids[ids.index(ex_id) + 1:]]
 
 
 def states():
-    """Every (exercise, state) the kit is proved on: 'stripped'; mistake n; 'in order': every
-    later exercise stripped, as in a handout worked through in order."""
+    """Every (exercise, state) the kit is proved on: 'stripped'; mistake n; 'in order' (every
+    later exercise stripped, as in a handout worked through in order)."""
     for ex_id, ex in EXERCISES.items():
         yield ex_id, "stripped"
         yield from ((ex_id, n) for n in range(1, len(ex["mistakes"]) + 1))
         if later(ex_id):
             yield ex_id, "in order"
-
-
-def later(ex_id):
-    ids = list(EXERCISES)
-    return [EXERCISES[i] for i in ids[ids.index(ex_id) + 1:]]
 
 
 def run_state(folder, ex_id, state):
@@ -53,15 +59,16 @@ def run_state(folder, ex_id, state):
     originals = {rel: (folder / rel).read_text() for rel in files}
     try:
         make.write(folder, files)
-        return check.run_checks(folder, ex["checks"], stop_at_first_failure=isinstance(state, int))
+        first_failure = isinstance(state, int)
+        return check.run_checks(folder, ex["checks"], stop_at_first_failure=first_failure)
     finally:
         make.write(folder, originals)
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """{(exercise, state): check results}, two states at a time (CI has two cores), each worker
-    in its own copy of the repository."""
+    """{(exercise, state): check results}, WORKERS states at a time, each worker in its own
+    copy of the repository."""
     copies = queue.Queue()
     for i in range(WORKERS):
         folder = tmp_path_factory.mktemp(f"course{i}") / "repo"
@@ -79,15 +86,13 @@ def outcomes(tmp_path_factory):
         return dict(pool.map(run, states()))
 
 
-def spans(exercises):
-    """(file, first line, last line, target) of every target's body."""
-    import ast
+def spans():
+    """(file, first line, last line, target) of every target, sorted."""
     out = []
-    for ex in exercises:
+    for ex in EXERCISES.values():
         for target in ex["targets"]:
             path, names = make.split_target(target)
-            source = (ROOT / path).read_text()
-            node = make.locate(ast.parse(source), names, target)
+            node = make.locate(ast.parse((ROOT / path).read_text()), names, target)
             out.append((path, node.lineno, node.end_lineno, target))
     return sorted(out)
 
@@ -96,28 +101,29 @@ def spans(exercises):
 
 def test_every_target_and_mistake_resolves_and_no_two_targets_overlap():
     make.stripped_files(ROOT, EXERCISES.values())  # raises on a missing target
-    for ex_id, n in MISTAKES:
-        make.mistake_files(ROOT, EXERCISES[ex_id], n)  # raises unless `find` occurs once in its target
-    for a, b in zip(spans(EXERCISES.values()), spans(EXERCISES.values())[1:]):
-        assert a[0] != b[0] or a[2] < b[1], f"{a[3]} and {b[3]} overlap: stripping one strips the other"
+    for ex_id, n in MISTAKES:  # raises unless `find` occurs exactly once in its target
+        make.mistake_files(ROOT, EXERCISES[ex_id], n)
+    for a, b in zip(spans(), spans()[1:]):
+        assert a[0] != b[0] or a[2] < b[1], f"{a[3]} and {b[3]} overlap"
 
 
 def test_a_renamed_target_or_a_stale_mistake_fails_loudly():
-    ex = dict(EXERCISES["expert_choice_topk"])
+    ex = EXERCISES["expert_choice_topk"]
     with pytest.raises(make.KitError, match="no definitions"):
         make.stripped_files(ROOT, [dict(ex, targets=["router.py::expert_choice_top_k"])])
+    stale = dict(ex, mistakes=[dict(ex["mistakes"][0], find="no such text")])
     with pytest.raises(make.KitError, match="occurs 0 times"):
-        make.mistake_files(ROOT, dict(ex, mistakes=[dict(ex["mistakes"][0], find="no such text")]), 1)
-    assert make.main(["expert_choice_topk", "--out", str(ROOT / "course")]) == 2  # not an empty folder
+        make.mistake_files(ROOT, stale, 1)
+    assert make.main(["expert_choice_topk", "--out", str(ROOT / "course")]) == 2  # not empty
 
 
-def test_every_exercise_has_a_page_and_a_unit_of_the_course_readme():
+def test_every_exercise_has_a_page_and_a_place_in_the_course_readme():
     readme = (ROOT / "course" / "README.md").read_text()
     for ex_id, ex in EXERCISES.items():
         page = ROOT / "course" / "exercises" / f"{ex_id}.md"
         assert page.is_file(), f"{page} is missing"
-        assert ex_id in readme, f"course/README.md never names {ex_id}"
-        assert ex["minutes"] > 0 and ex["checks"], ex_id
+        assert f"`{ex_id}`" in readme, f"course/README.md never names {ex_id}"
+        assert ex["minutes"] > 0 and ex["checks"] and ex["expected_red"] is not None, ex_id
 
 
 def test_the_handout_strips_every_exercise_and_still_compiles(tmp_path):
@@ -143,23 +149,23 @@ def test_every_check_exists_and_passes_on_the_real_code_within_30_seconds():
 
 
 @pytest.mark.parametrize("ex_id", list(EXERCISES))
-def test_every_check_fails_on_the_stripped_exercise(outcomes, ex_id):
+def test_every_check_fails_on_the_stripped_exercise_because_of_it(outcomes, ex_id):
     results = outcomes[ex_id, "stripped"]
     passed = [c for c, (outcome, _, _) in results.items() if outcome == "passed"]
     assert not passed, f"these checks pass without exercise {ex_id}: {passed}"
-    unrelated = [c for c, (_, _, message) in results.items() if f"exercise {ex_id}" not in message]
-    assert not unrelated, f"these checks fail for another reason than the stripped code: {unrelated}"
+    other = [c for c, (_, _, message) in results.items() if f"exercise {ex_id}" not in message]
+    assert not other, f"these checks fail for another reason than the stripped code: {other}"
 
 
 @pytest.mark.parametrize("ex_id, n", MISTAKES, ids=[f"{e}-{n}" for e, n in MISTAKES])
 def test_every_listed_mistake_is_caught_by_a_check(outcomes, ex_id, n):
-    caught = [c for c, (outcome, _, _) in outcomes[ex_id, n].items() if outcome in ("failed", "error", "timeout")]
-    assert caught, f"no check catches mistake {n} of {ex_id}: {EXERCISES[ex_id]['mistakes'][n - 1]['what']}"
+    caught = [c for c, (outcome, _, _) in outcomes[ex_id, n].items() if outcome in CAUGHT]
+    what = EXERCISES[ex_id]["mistakes"][n - 1]["what"]
+    assert caught, f"no check catches mistake {n} of {ex_id}: {what}"
 
 
 @pytest.mark.parametrize("ex_id", [e for e in EXERCISES if later(e)])
 def test_every_exercise_passes_with_the_later_ones_still_stripped(outcomes, ex_id):
     """A handout is worked in the order of exercises.toml: no check may need a later exercise."""
-    results = outcomes[ex_id, "in order"]
-    bad = {c: r[0] for c, r in results.items() if r[0] != "passed"}
+    bad = {c: r[0] for c, r in outcomes[ex_id, "in order"].items() if r[0] != "passed"}
     assert not bad, f"{ex_id}'s checks need a later exercise's code: {bad}"

@@ -56,6 +56,6 @@ def test_capacity_penalty_is_the_squared_gap_and_descent_moves_the_open_share_to
     assert penalty.item() == pytest.approx((0.5 - target) ** 2)
     penalty.backward()
     sig = torch.sigmoid(scores.detach())
-    expected = 2 * (0.5 - target) * sig * (1 - sig) / len(scores)  # through the straight-through gate
+    expected = 2 * (0.5 - target) * sig * (1 - sig) / len(scores)  # straight through the gate
     torch.testing.assert_close(scores.grad, expected)
     assert (scores.grad < 0).all() == (target > 0.5)  # below target: descent raises every score
