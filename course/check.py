@@ -110,15 +110,24 @@ def report(results):
             print("       " + "\n       ".join(shown))
 
 
+def by_file(nodes):
+    """Node ids as one line per file: 'tests/x.py: all' or 'tests/x.py: test_a, test_b[1]'."""
+    files = {}
+    for node in sorted(set(nodes)):
+        path, _, name = node.partition("::")
+        files.setdefault(path, []).append(name or "all")
+    return [f"{path}: {', '.join(names)}" for path, names in files.items()] or ["none"]
+
+
 def expected_red(exercises, ex_id, passed):
     """Print the tests that are red, and should be, besides this exercise's checks."""
     if not passed:
         print(f"until exercise {ex_id} passes, these tests are red too (expected):")
-        print("  " + "\n  ".join(exercises[ex_id]["expected_red"] or ["none"]))
+        print("  " + "\n  ".join(by_file(exercises[ex_id]["expected_red"])))
     others = [i for i in still_stripped(ROOT, exercises) if i != ex_id]
     if others:
         print(f"still stripped in this copy: {', '.join(others)}; their tests are red as well:")
-        print("  " + "\n  ".join(sorted({t for i in others for t in exercises[i]["expected_red"]})))
+        print("  " + "\n  ".join(by_file(t for i in others for t in exercises[i]["expected_red"])))
 
 
 def main(argv=None):
@@ -134,7 +143,9 @@ def main(argv=None):
         print(f"check.py: {e}", file=sys.stderr)
         return 2
     checks = exercises[args.id]["checks"]
-    print(f"exercise {args.id}: {len(checks)} checks, one CPU thread, {args.time_limit} s limit")
+    plural = "s" if len(checks) != 1 else ""
+    print(f"exercise {args.id}: {len(checks)} check{plural}, one CPU thread, "
+          f"{args.time_limit} s limit")
     results = run_checks(ROOT, checks, args.time_limit)
     report(results)
     passed = all(outcome == "passed" for outcome, _, _ in results.values())

@@ -1,8 +1,8 @@
 """
 Properties the course's exercises are checked by that the technique tests leave implicit or
-test only through a later exercise's code (course/exercises.toml): padding in MoD's routed
-update, the routed block's single residual in top-k mode alone, and MindSkip's capacity term
-with its straight-through gradient, on router.py's functions alone.
+test only through a later exercise's code (course/exercises.toml): top-k at its extremes,
+padding in MoD's routed update, the routed block's single residual in top-k mode alone, and
+MindSkip's capacity term with its straight-through gradient, on router.py's functions alone.
 """
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 from mod import MoDConfig, MoDGPT
 from model import GPTConfig
-from router import capacity_penalty, pack_mask, straight_through_gate
+from router import capacity_penalty, expert_choice_topk, pack_mask, straight_through_gate
 
 CONFIG = dict(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=32)
 
@@ -24,6 +24,12 @@ def routed_block(seed=0, capacity=0.25):
         for p in block.parameters():
             p.normal_(0.0, 0.3)
     return block
+
+
+def test_expert_choice_topk_at_its_extremes_takes_every_token_or_each_rows_best():
+    scores = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(expert_choice_topk(scores, 7), torch.arange(7).expand(3, 7))  # C = 1
+    assert torch.equal(expert_choice_topk(scores, 1), scores.argmax(dim=1, keepdim=True))
 
 
 def test_mod_add_update_changes_only_the_valid_packed_positions():
