@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make import KitError, load, marker, split_target  # noqa: E402
+from make import KitError, OneLineParser, load, marker, split_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LIMIT = 120  # seconds for one exercise's checks; each should take well under 30 s
@@ -131,7 +131,7 @@ def expected_red(exercises, ex_id, passed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run one exercise's checks.")
+    parser = OneLineParser(description="Run one exercise's checks.")
     parser.add_argument("id", help="an exercise id from course/exercises.toml")
     parser.add_argument("--time_limit", type=int, default=TIME_LIMIT, help="seconds, all checks")
     args = parser.parse_args(argv)

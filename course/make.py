@@ -219,8 +219,16 @@ def write(out, files):
 
 # --- command line ------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag mistake ends in one line on stderr and exit code 2, not in the usage text."""
+
+    def error(self, message):
+        print(f"{self.prog}: {message} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Cut exercises out of the real code.")
+    parser = OneLineParser(description="Cut exercises out of the real code.")
     parser.add_argument("id", nargs="?", help="an exercise id from course/exercises.toml")
     parser.add_argument("--out", help="write a copy of the repo with the exercise stripped here")
     parser.add_argument("--handout", help="write a copy with every exercise stripped here")
