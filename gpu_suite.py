@@ -49,7 +49,8 @@ class SuiteConfig:
     steps: int = 10  # timed training steps per row (the median counts), after 3 warmup steps
     new_tokens: int = 0  # decoded tokens per generation; 0: 128 on cuda, 4 on cpu
     peak_tflops: float = 989.0  # MFU's denominator: H200 (and H100) SXM dense bf16 tensor-core peak
-    compiled: str = "baseline,mod,mod:triton,router_tuning,mom"  # compiled rows, in order of priority
+    # compiled rows, in order of priority ("mod:triton": MoD with its Triton kernels)
+    compiled: str = "baseline,mod,mod:triton,router_tuning,mom"
     variants: str = "all"  # variants measured eager and decoded: all, or a comma list
 
     def __post_init__(self):
@@ -85,7 +86,8 @@ def parse_args(argv):
     names = list(VARIANTS) if cfg.variants == "all" else cfg.variants.split(",")
     for name in names + [c.split(":")[0] for c in cfg.compiled.split(",") if c]:
         if name not in VARIANTS:
-            fail(f"--variants / --compiled: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+            fail(f"--variants / --compiled: unknown variant {name!r}; "
+                 f"choose from {', '.join(VARIANTS)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda: no CUDA GPU is visible to PyTorch; use --device=cpu for the dry run")
     return cfg, names
@@ -96,30 +98,37 @@ def parse_args(argv):
 def job_args(cfg, **extra):
     """What every job of this run shares, plus its own."""
     cuda = cfg.device == "cuda"
-    return dict(device=cfg.device, dims=GPT2_124M if cuda else TINY, dtype="bfloat16" if cuda else "float32",
-                batch_size=cfg.batch_size or (8 if cuda else 2), peak_tflops=cfg.peak_tflops, **extra)
+    return dict(device=cfg.device, dims=GPT2_124M if cuda else TINY,
+                dtype="bfloat16" if cuda else "float32",
+                batch_size=cfg.batch_size or (8 if cuda else 2), peak_tflops=cfg.peak_tflops,
+                **extra)
 
 
 def train_job(cfg, out, cases, compiled, warm_only=False):
     """Training rows measured in one process; a case is a variant name, or "mod:triton" for MoD
     with its kernels."""
+    cuda = cfg.device == "cuda"
     mode = "compiled" if compiled else "eager"
     label = f"{'warm' if warm_only else 'train'} {mode} {','.join(cases)}"
-    pairs = [[name, kernels or "torch"] for name, _, kernels in (case.partition(":") for case in cases)]
+    pairs = [[name, kernels or "torch"] for name, _, kernels in (c.partition(":") for c in cases)]
     args = job_args(cfg, cases=pairs, compile=compiled, warm_only=warm_only,
-                    backend="inductor" if cfg.device == "cuda" else "eager",  # no C++ compiles on a CPU dry run
-                    steps=cfg.steps if cfg.device == "cuda" else 2, warmup=3 if cfg.device == "cuda" else 1)
-    estimate = {"cuda": 90 if compiled and warm_only else 30 if compiled else 8}.get(cfg.device, 8) * len(cases)
-    estimate += 10 if cfg.device == "cuda" else 5  # starting Python, torch and CUDA
-    return make_job(out, label, "train", args, estimate)
+                    backend="inductor" if cuda else "eager",  # a CPU dry run compiles no C++
+                    steps=cfg.steps if cuda else 2, warmup=3 if cuda else 1)
+    per_case = (90 if warm_only else 30 if compiled else 8) if cuda else 8
+    return make_job(out, label, "train", args, per_case * len(cases) + (10 if cuda else 5))
+
+
+def slug(label):
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 def make_job(out, label, kind, args, estimate):
-    slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+    """A job running gpu_jobs.py KIND on its args; the JSON it writes is job.out."""
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    (out / "jobs" / f"{slug}.args.json").write_text(json.dumps(args))
-    result = out / "jobs" / f"{slug}.json"
-    command = [sys.executable, str(ROOT / "gpu_jobs.py"), kind, str(out / "jobs" / f"{slug}.args.json"), str(result)]
+    args_file = out / "jobs" / f"{slug(label)}.args.json"
+    result = out / "jobs" / f"{slug(label)}.json"
+    args_file.write_text(json.dumps(args))
+    command = [sys.executable, str(ROOT / "gpu_jobs.py"), kind, str(args_file), str(result)]
     return Job(label, command, estimate, result)
 
 
@@ -127,17 +136,19 @@ def plan(cfg, names, out):
     """(checks, measurements): the jobs of phase 1 (side by side) and phase 2 (one at a time)."""
     cuda = cfg.device == "cuda"
     compiled = [c for c in cfg.compiled.split(",") if c]
-    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")]
+    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(ROOT / TESTS)]
+    cases = [[n, "torch"] for n in names] + [["mod", "triton"]]
     checks = [Job(TESTS, pytest, 150 if cuda else 10),
-              make_job(out, "graph breaks", "graph_breaks",
-                       job_args(cfg, cases=[[n, "torch"] for n in names] + [["mod", "triton"]]), 40 if cuda else 15)]
+              make_job(out, "graph breaks", "graph_breaks", job_args(cfg, cases=cases),
+                       40 if cuda else 15)]
     # compiled rows one process each: a compile that hangs or crashes takes no other row with it
     checks += [train_job(cfg, out, [case], True, warm_only=True) for case in compiled]
     eager = [train_job(cfg, out, names + ["mod:triton"], False)]
     timed_compiled = [train_job(cfg, out, [case], True) for case in compiled]
-    decode = make_job(out, "decode", "decode", job_args(cfg, variants=names, batches=[1, 8] if cuda else [1, 2],
-                                                        new_tokens=cfg.new_tokens or (128 if cuda else 4),
-                                                        repeats=2 if cuda else 1), 60 if cuda else 10)
+    decode_args = job_args(cfg, variants=names, batches=[1, 8] if cuda else [1, 2],
+                           new_tokens=cfg.new_tokens or (128 if cuda else 4),
+                           repeats=2 if cuda else 1)
+    decode = make_job(out, "decode", "decode", decode_args, 60 if cuda else 10)
     # the baseline and MoD compiled before decoding, the other compiled rows after it
     return checks, eager + timed_compiled[:3] + [decode] + timed_compiled[3:]
 
@@ -145,7 +156,8 @@ def plan(cfg, names, out):
 def print_plan(cfg, checks, measurements):
     phase1 = max(j.estimate_s for j in checks)
     phase2 = sum(j.estimate_s for j in measurements)
-    print(f"# gpu_suite on {cfg.device}: budget {cfg.budget_s:.0f} s, estimate {phase1 + phase2:.0f} s "
+    print(f"# gpu_suite on {cfg.device}: budget {cfg.budget_s:.0f} s, "
+          f"estimate {phase1 + phase2:.0f} s "
           f"(checks side by side ~{phase1:.0f} s, then measurements one at a time ~{phase2:.0f} s)")
     for phase, jobs in (("1 checks", checks), ("2 measurements", measurements)):
         print(f"# phase {phase}: " + ", ".join(f"{j.name} ~{j.estimate_s:.0f}s" for j in jobs))
@@ -156,8 +168,9 @@ def print_plan(cfg, checks, measurements):
 
 def start(job, out, env):
     job.started = time.time()
-    log = open(out / "logs" / f"{re.sub(r'[^a-z0-9]+', '_', job.name.lower()).strip('_')}.log", "w")
-    job.process = subprocess.Popen(job.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+    log = open(out / "logs" / f"{slug(job.name)}.log", "w")
+    job.process = subprocess.Popen(job.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env,
                                    start_new_session=True)
     job.log = log
 
@@ -197,7 +210,8 @@ def run_one_at_a_time(jobs, out, env, end):
     for job in jobs:
         left = end - time.time()
         if job.estimate_s > left:
-            job.status = f"skipped: ~{job.estimate_s:.0f} s would not fit in the {max(0, left):.0f} s left"
+            job.status = (f"skipped: ~{job.estimate_s:.0f} s would not fit "
+                          f"in the {max(0, left):.0f} s left")
             print(f"  {job.name}: {job.status}")
             continue
         start(job, out, env)
@@ -220,8 +234,9 @@ def environment(cfg):
             return None
 
     cuda = cfg.device == "cuda"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
-            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "triton": version("triton"), "transformers": version("transformers"),
             "device": torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores",
             "cuda": torch.version.cuda if cuda else None, "peak_tflops": cfg.peak_tflops,
             "command": " ".join(["python", "gpu_suite.py", *sys.argv[1:]])}
@@ -232,16 +247,18 @@ def test_results(log_path):
     run was stopped half way: the lines written so far count)."""
     text = log_path.read_text() if log_path.exists() else ""
     outcomes = dict(re.findall(r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", text))
-    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text))
+    closing = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text)
+    counts = {kind: int(n) for n, kind in closing}
     return {"counts": counts, "outcomes": outcomes,
-            "failed": sorted(name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))}
+            "failed": sorted(n for n, result in outcomes.items() if result in ("FAILED", "ERROR"))}
 
 
 def training_rows(jobs):
     rows = [row for job in jobs if job.name.startswith("train ") and job.out.exists()
             for row in json.loads(job.out.read_text())["rows"]]
     for row in rows:  # ratios to the baseline measured the same way
-        base = next((r for r in rows if r["variant"] == "baseline" and r["mode"] == row["mode"]), None)
+        base = next((r for r in rows if r["variant"] == "baseline" and r["mode"] == row["mode"]),
+                    None)
         if base:
             row["speed_x"] = row["tok_s"] / base["tok_s"]
             row["flop_ceiling_x"] = base["flops_per_token"] / row["flops_per_token"]
@@ -262,33 +279,50 @@ def cell(value, form):
     return "-" if value is None else format(value, form)
 
 
+def table(header, rows):
+    """A markdown table: header "a | b | c", rows lists of cells."""
+    lines = [f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def training_table(rows):
+    header = ("variant | kernels | mode | step ms | tok/s | MFU | peak GiB | speed x"
+              " | FLOP ceiling x | of ceiling | recompiles")
+    return table(header, [
+        [r["variant"], r["kernels"], r["mode"], f"{r['step_ms']:.1f}", f"{r['tok_s']:,.0f}",
+         f"{r['mfu']:.1%}", cell(r["peak_mem_gib"], ".1f"), cell(r.get("speed_x"), ".2f"),
+         cell(r.get("flop_ceiling_x"), ".2f"), cell(r.get("of_ceiling"), ".0%"),
+         r["recompiles_timed"]]
+        for r in rows])
+
+
+def decode_table(rows):
+    """Cached decode per model and batch, and its ratio to this repository's GPT-2 (baseline)."""
+    base = {r["batch"]: r["tok_s"] for r in rows if r["model"] == "baseline" and "tok_s" in r}
+    return table("decode (cached, greedy) | batch | tok/s | ms/token | vs baseline", [
+        [r["model"], "-", r["error"], "-", "-"] if "error" in r else
+        [r["model"], r["batch"], f"{r['tok_s']:,.0f}", f"{r['ms_per_token']:.2f}",
+         cell(r["tok_s"] / base[r["batch"]] if r["batch"] in base else None, ".2f")]
+        for r in rows])
+
+
 def markdown(results):
-    env, lines = results["environment"], []
-    lines += [f"# GPU suite: {env['device']}, {env['date']}", "",
-              f"torch {env['torch']}, Triton {env['triton']}, transformers {env['transformers']}, CUDA {env['cuda']}. "
-              f"`{env['command']}`. MFU against {env['peak_tflops']:.0f} TFLOP/s (dense bf16 peak). "
-              f"Untrained models, random tokens: only speed and size count.", ""]
-    tests = results["tests"]
-    lines += [f"tests/test_cuda.py: {', '.join(f'{n} {k}' for k, n in tests['counts'].items()) or 'no result'}"
-              + (f"; failed: {', '.join(tests['failed'])}" if tests["failed"] else ""), ""]
-    lines += ["| variant | kernels | mode | step ms | tok/s | MFU | peak GiB | speed x | FLOP ceiling x | of ceiling "
-              "| recompiles |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["training"]:
-        lines.append(f"| {r['variant']} | {r['kernels']} | {r['mode']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | "
-                     f"{r['mfu']:.1%} | {cell(r['peak_mem_gib'], '.1f')} | {cell(r.get('speed_x'), '.2f')} | "
-                     f"{cell(r.get('flop_ceiling_x'), '.2f')} | {cell(r.get('of_ceiling'), '.0%')} | {r['recompiles_timed']} |")
-    lines += ["", "| decode (cached, greedy) | batch | tok/s | ms/token |", "|---|---|---|---|"]
-    for r in results["decode"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | - | {r['error']} | - |")
-        else:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['tok_s']:,.0f} | {r['ms_per_token']:.2f} |")
-    lines += ["", "| torch.compile graph breaks | kernels | graphs | breaks | where |", "|---|---|---|---|---|"]
-    for r in results["graph_breaks"]:
-        lines.append(f"| {r['variant']} | {r['kernels']} | {r['graphs']} | {r['graph_breaks']} | {r['reasons'] or '-'} |")
-    lines += ["", "| part | status | seconds |", "|---|---|---|"]
-    lines += [f"| {j['name']} | {j['status']} | {j['seconds']:.0f} |" for j in results["jobs"]]
-    return "\n".join(lines) + "\n"
+    env, tests = results["environment"], results["tests"]
+    counts = ", ".join(f"{n} {k}" for k, n in tests["counts"].items()) or "no result"
+    failed = f"; failed: {', '.join(tests['failed'])}" if tests["failed"] else ""
+    lines = [f"# GPU suite: {env['device']}, {env['date']}", "",
+             f"torch {env['torch']}, Triton {env['triton']}, transformers {env['transformers']}, "
+             f"CUDA {env['cuda']}. `{env['command']}`. "
+             f"MFU against {env['peak_tflops']:.0f} TFLOP/s "
+             "(dense bf16 peak). Untrained models, random tokens: only speed and size count.", "",
+             f"tests/test_cuda.py: {counts}{failed}", ""]
+    lines += training_table(results["training"]) + decode_table(results["decode"])
+    lines += table("torch.compile graph breaks | kernels | graphs | breaks | where", [
+        [r["variant"], r["kernels"], r["graphs"], r["graph_breaks"], r["reasons"] or "-"]
+        for r in results["graph_breaks"]])
+    lines += table("part | status | seconds", [
+        [j["name"], j["status"], f"{j['seconds']:.0f}"] for j in results["jobs"]])
+    return "\n".join(lines)
 
 
 def report(cfg, out, jobs, begun):
@@ -296,11 +330,13 @@ def report(cfg, out, jobs, begun):
         job = next((j for j in jobs if j.name == name and j.out and j.out.exists()), None)
         return json.loads(job.out.read_text())["rows"] if job else []
 
-    results = {"environment": environment(cfg), "config": asdict(cfg), "wall_s": time.time() - begun,
-               "tests": test_results(out / "logs" / "tests_test_cuda_py.log"),
+    results = {"environment": environment(cfg), "config": asdict(cfg),
+               "wall_s": time.time() - begun,
+               "tests": test_results(out / "logs" / f"{slug(TESTS)}.log"),
                "training": training_rows(jobs), "decode": rows_of("decode"),
                "graph_breaks": rows_of("graph breaks"),
-               "jobs": [{"name": j.name, "status": j.status, "seconds": j.seconds, "estimate_s": j.estimate_s}
+               "jobs": [{"name": j.name, "status": j.status, "seconds": j.seconds,
+                         "estimate_s": j.estimate_s}
                         for j in jobs]}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out / "training.csv", results["training"])
@@ -330,8 +366,10 @@ def main(argv):
     run_one_at_a_time([j for j in measurements if j.status == "planned"], out, env, end)
     results = report(cfg, out, checks + measurements, begun)
     print(markdown(results))
-    print(f"# {time.time() - begun:.0f} s; results in {out}/ (summary.md, results.json, *.csv, logs/)")
-    finished = all(j.status == "passed" or j.status.startswith("skipped") for j in checks + measurements)
+    print(f"# {time.time() - begun:.0f} s; results in {out}/ "
+          "(summary.md, results.json, *.csv, logs/)")
+    jobs = checks + measurements
+    finished = all(j.status == "passed" or j.status.startswith("skipped") for j in jobs)
     return 0 if finished and not results["tests"]["failed"] else 1
 
 

@@ -16,8 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def suite(out_dir, *flags, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "gpu_suite.py"), "--device=cpu", f"--out_dir={out_dir}", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "gpu_suite.py"),
+            "--device=cpu",
+            f"--out_dir={out_dir}",
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_dry_run_measures_every_variant_and_writes_every_table(tmp_path):
@@ -33,10 +44,14 @@ def test_dry_run_measures_every_variant_and_writes_every_table(tmp_path):
     assert all(r["tok_s"] > 0 and r["flops_per_token"] > 0 for r in results["training"])
     decoded = {(r["model"], r["batch"]) for r in results["decode"] if "error" not in r}
     assert {(v, b) for v in variants for b in (1, 2)} <= decoded
-    assert "transformers GPT-2" in {r["model"] for r in results["decode"]}  # a row, or why there is none
+    assert "transformers GPT-2" in {
+        r["model"] for r in results["decode"]
+    }  # a row, or why there is none
     breaks = {(r["variant"], r["kernels"]): r["graph_breaks"] for r in results["graph_breaks"]}
     # GPT-2, MoD (with or without its kernels) and router-tuning trace into one graph each
-    assert breaks[("baseline", "torch")] == breaks[("mod", "torch")] == breaks[("mod", "triton")] == 0
+    assert (
+        breaks[("baseline", "torch")] == breaks[("mod", "torch")] == breaks[("mod", "triton")] == 0
+    )
     assert breaks[("router_tuning", "torch")] == 0
     assert results["environment"]["torch"] and results["tests"]["counts"].get("skipped") == 1
     for name in ("training.csv", "decode.csv", "graph_breaks.csv"):
@@ -53,10 +68,14 @@ def test_a_run_that_cannot_fit_its_budget_stops_and_still_writes_its_results(tmp
     results = json.loads((tmp_path / "results.json").read_text())
     statuses = [job["status"] for job in results["jobs"]]
     assert any(s == "timed out" or s.startswith("skipped") for s in statuses)
-    assert done.returncode == (1 if "timed out" in statuses else 0)  # a part that overran fails the run
+    assert done.returncode == (
+        1 if "timed out" in statuses else 0
+    )  # a part that overran fails the run
 
 
 def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
     done = suite(tmp_path / "out", "--device=tpu", timeout=60)
-    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--device" in done.stderr
+    assert (
+        done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--device" in done.stderr
+    )
     assert not (tmp_path / "out").exists()
