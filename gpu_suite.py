@@ -18,6 +18,7 @@ logs/ (each process's output). No network, no data files: random tokens.
 """
 
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +36,9 @@ from configurator import build, fail, parse_value, read_flags
 from gpu_jobs import VARIANTS
 
 ROOT = Path(__file__).resolve().parent
+# pure-Python packages the tests need where the GPU machine lacks them (`pip install --target
+# .gpu_vendor pytest`; ignored by git, sent along with the tree), found after installed ones
+VENDOR = ROOT / ".gpu_vendor"
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0)
 TESTS = "tests/test_cuda.py"
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=128, dropout=0.0)
@@ -356,6 +360,8 @@ def main(argv):
     print_plan(cfg, checks, measurements)
     # the CUDA tests need Triton's real compiler (tests/conftest.py would turn the interpreter on)
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
+    if importlib.util.find_spec("pytest") is None and VENDOR.is_dir():  # a GPU machine without pytest
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(VENDOR)]))
     print("# phase 1: checks, side by side")
     run_side_by_side(checks, out, env, deadline=begun + 0.5 * cfg.budget_s)
     warmed = {j.name.replace("warm ", "train ", 1) for j in checks if j.status == "passed"}
