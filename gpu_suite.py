@@ -360,7 +360,7 @@ def main(argv):
     print_plan(cfg, checks, measurements)
     # the CUDA tests need Triton's real compiler (tests/conftest.py would turn the interpreter on)
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
-    if importlib.util.find_spec("pytest") is None and VENDOR.is_dir():  # a GPU machine without pytest
+    if importlib.util.find_spec("pytest") is None and VENDOR.is_dir():  # no pytest on the machine
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(VENDOR)]))
     print("# phase 1: checks, side by side")
     run_side_by_side(checks, out, env, deadline=begun + 0.5 * cfg.budget_s)
