@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from checkpoint import VARIANTS, data_dir, load_model, pick_device
-from configurator import build as build_settings, fail, parse_value, read_flags
+from configurator import build as build_settings, fail, import_optional, parse_value, read_flags
 from model import GPT, GPTConfig
 from mom import MoMGPT
 
@@ -486,11 +486,11 @@ def route_share(model, capacity, seed):
 
 
 def hf_generate(config, device):
-    """transformers' GPT2LMHeadModel.generate at the same dims, or None without the package."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        return None
+    """(transformers' GPT2LMHeadModel.generate at the same dims, None), or (None, why not)."""
+    classes, why_not = import_optional("transformers", "GPT2Config", "GPT2LMHeadModel")
+    if classes is None:
+        return None, why_not
+    GPT2Config, GPT2LMHeadModel = classes
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -500,7 +500,7 @@ def hf_generate(config, device):
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, use_cache=use_cache, pad_token_id=0)
 
-    return generate
+    return generate, None
 
 
 @torch.no_grad()
@@ -523,7 +523,7 @@ def bench_decode(cfg, settings, config, device):
         kv[name] = model.kv_cache_nbytes(cache)
         generators[name] = lambda prompt, n, use_cache, model=model: model.generate(prompt, n, temperature=0,
                                                                                     use_cache=use_cache)
-    hf = hf_generate(config, device)
+    hf, hf_missing = hf_generate(config, device)
     if hf is not None:
         generators["transformers GPT-2"] = hf
     prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device)
@@ -553,7 +553,7 @@ def bench_decode(cfg, settings, config, device):
               f"{row['cached_tok_s'] / row['uncached_tok_s']:>8.2f}x{row['cached_vs_baseline']:>11.2f}x"
               f"{kv_text}{row['spread']:>8.0%}")
     if hf is None:
-        print("# transformers is not installed: no row for its GPT-2 generate")
+        print(f"# no row for transformers' GPT-2 generate: {hf_missing}")
     warn_if_noisy({row["variant"]: row["spread"] for row in rows})
     write_csv(cfg.csv, rows)
     if cfg.profile:

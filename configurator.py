@@ -1,5 +1,6 @@
 """
-Flags and config files for train.py, sample.py and bench.py: typed, and nothing is executed.
+Flags and config files for train.py, sample.py and bench.py: typed, and nothing is executed;
+and the import of packages they can do without.
 
     python train.py config/train_shakespeare_char.py --max_iters=2000 --capacity 0.25
 
@@ -8,10 +9,15 @@ comment beside the field is the flag's help (`-h` / `--help` reads it from the s
 help cannot drift from the flags). A config file holds `key = literal` lines (Python syntax,
 read with ast.literal_eval). A user's mistake ends with `fail`: one line on stderr that names
 the flag or file, exit code 2.
+
+An optional package (transformers, matplotlib) comes through `import_optional`, which imports
+it with this folder off the path: kernels.py here would shadow the PyPI package `kernels` that
+transformers >= 5 imports. When the import fails, the user reads why, not "not installed".
 """
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import io
 import json
@@ -134,3 +140,32 @@ def usage(doc, groups):
             flag = f"--{field.name}={shown_default(field.default)}"
             lines.append(f"    {flag:<28}  {meaning}".rstrip())
     return "\n".join(lines)
+
+
+# --- optional packages -----------------------------------------------------------------------
+
+def import_optional(name, *attributes):
+    """`from name import attributes` (`import name` without them) -> (the attributes or the
+    module, None), or (None, why not: one line for the user). This folder and the project's
+    `kernels` module are set aside meanwhile, so that a package's own `import kernels` finds
+    the PyPI package of that name, not kernels.py."""
+    here = Path(__file__).resolve().parent
+    saved_path, before = sys.path[:], sys.modules.get("kernels")
+    project_kernels = before is not None and \
+        Path(getattr(before, "__file__", None) or "/").resolve().parent == here
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    if project_kernels:
+        del sys.modules["kernels"]
+    try:
+        module = importlib.import_module(name)
+        return (tuple(getattr(module, a) for a in attributes) if attributes else module), None
+    except Exception as e:  # not only ImportError: a broken install raises anything
+        if isinstance(e, ModuleNotFoundError) and e.name == name.split(".")[0]:
+            return None, f"{name} is not installed (pip install {name.split('.')[0]})"
+        return None, f"{name} failed to import: {type(e).__name__}: {e}".splitlines()[0]
+    finally:  # the PyPI `kernels`, if imported, stays with the modules that imported it
+        sys.path[:] = saved_path
+        if project_kernels:
+            sys.modules["kernels"] = before
+        elif before is None:
+            sys.modules.pop("kernels", None)  # a later `import kernels` finds kernels.py

@@ -200,14 +200,13 @@ def print_table(rows, columns):
 
 def pyplot():
     """matplotlib.pyplot on a file backend, or None (the CSV and table still come out)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    from configurator import import_optional
+    plt, why_not = import_optional("matplotlib.pyplot")
+    if plt is None:
+        print(f"no figure: {why_not}")
         return None
+    plt.switch_backend("Agg")
+    return plt
 
 
 def save_figure(fig, path):

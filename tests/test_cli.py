@@ -2,7 +2,9 @@
 from where the flags are declared, and what --compile does on each device."""
 
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -127,3 +129,57 @@ def test_a_checkpoint_from_before_auto_keeps_its_meaning():
     """Checkpoints stored compile=True when that meant "on CUDA only"."""
     assert train.TrainConfig(compile=True).compile == "auto"
     assert train.TrainConfig(compile=False).compile == "false"
+
+
+# --- optional packages -----------------------------------------------------------------------
+
+def fake_site(tmp_path):
+    """A stand-in for an installed transformers >= 5 and the PyPI package `kernels` it imports."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
+    (site / "transformers").mkdir()
+    (site / "transformers" / "__init__.py").write_text(
+        "from kernels import CUDAProperties\nGPT2LMHeadModel = 'the stand-in'\n")
+    (site / "broken").mkdir()
+    (site / "broken" / "__init__.py").write_text("import tokenizers_missing_here\n")
+    return site
+
+
+def run_from_repo_root(code, site):
+    """`python -c code` from the repository root with `site` on the path after it, as a user's
+    site-packages is (kernels.py is found first)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_package_importing_pypi_kernels_imports_from_the_repository_root(tmp_path):
+    site = fake_site(tmp_path)
+    code, out = run_from_repo_root("import transformers", site)
+    assert code != 0 and "cannot import name 'CUDAProperties' from 'kernels'" in out  # the shadowing
+    code, out = run_from_repo_root(
+        "import kernels\n"  # the project's, imported before as bench.py has it
+        "from configurator import import_optional\n"
+        "(model,), why_not = import_optional('transformers', 'GPT2LMHeadModel')\n"
+        "assert (model, why_not) == ('the stand-in', None), why_not\n"
+        "import sys; assert sys.modules['kernels'] is kernels and hasattr(kernels, 'use_triton')\n"
+        "print('ok')", site)
+    assert code == 0 and out.strip() == "ok", out
+
+
+def test_kernels_py_is_still_found_after_an_optional_import_brought_pypi_kernels(tmp_path):
+    code, out = run_from_repo_root(
+        "from configurator import import_optional\n"
+        "assert import_optional('transformers')[1] is None\n"
+        "import kernels; assert hasattr(kernels, 'use_triton'), kernels\n"
+        "print('ok')", fake_site(tmp_path))
+    assert code == 0 and out.strip() == "ok", out
+
+
+def test_a_failed_optional_import_says_why_and_not_installed_only_when_it_is_not(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(fake_site(tmp_path)))
+    assert configurator.import_optional("no_such_package_here") == \
+        (None, "no_such_package_here is not installed (pip install no_such_package_here)")
+    assert configurator.import_optional("broken") == \
+        (None, "broken failed to import: ModuleNotFoundError: No module named 'tokenizers_missing_here'")
