@@ -46,7 +46,7 @@ from mom import MoMGPT
 @dataclass
 class BenchConfig:
     variants: str = "all"  # comma-separated, or all
-    n_layer: int = 4  # the models' dims (fresh models, random tokens)
+    n_layer: int = 4  # transformer blocks of every model (fresh weights, random tokens)
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # width of the residual stream
     block_size: int = 256  # tokens per sequence
@@ -85,7 +85,7 @@ def parse_args(argv):
     """Bench flags plus any variant's flags: {variant: settings}."""
     own = {f.name: f for f in fields(BenchConfig)}
     values, per_variant = {}, {name: {} for name in VARIANTS}
-    groups = [("bench", BenchConfig)] + [(f"--variant {name} (its row)", cls)
+    groups = [("bench", BenchConfig)] + [(f"{name}'s own (they apply to its row)", cls)
                                          for name, (_, cls) in VARIANTS.items() if cls]
     for key, text in read_flags(argv, __doc__, groups).items():
         if key in own:
