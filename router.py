@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def decides_in_float32(forward):
     """Runs a router's forward(self, x, ...) on float32 x with autocast off. Every routing
     decision (a threshold, a top-k, an argmax) reads these scores, and bfloat16 would round
