@@ -214,6 +214,7 @@ class MindSkipGPT(GPT):
         return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
 
     @torch.no_grad()
+    @torch.compiler.disable  # bookkeeping on Python ints: kept out of a compiled graph
     def record_for_target(self, router_inputs):
         """Keep what each router read in this forward in the ring of recent inputs: every row at
         sequence level, a random sample of the tokens at token level (so that the ring spans
