@@ -126,9 +126,10 @@ class MindSkipGPT(GPT):
         # added to every gate's score; follows the target while tuning (see follow_target)
         self.register_buffer("score_offset", torch.zeros(()))
         # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written;
-        # buffers, so that resuming continues with them (and DDP hands rank 0's to every process)
+        # buffers, so that resuming continues with them
         self.register_buffer("recent_inputs", torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd))
         self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
+        self.pending_inputs = []  # this step's router inputs, (layers, rows, d) per micro-batch
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
         self.last_open = None
 
@@ -216,27 +217,36 @@ class MindSkipGPT(GPT):
     @torch.no_grad()
     @torch.compiler.disable  # bookkeeping on Python ints: kept out of a compiled graph
     def record_for_target(self, router_inputs):
-        """Keep what each router read in this forward in the ring of recent inputs: every row at
-        sequence level, a random sample of the tokens at token level (so that the ring spans
-        many sequences), drawn from a generator seeded by the count, so resuming draws alike."""
+        """Set aside what each router read in this forward, for the ring of recent inputs:
+        every row at sequence level, a sample of the tokens at token level (so that the ring
+        spans many sequences), the same positions for every micro-batch of a step."""
         rows = [(h.mean(dim=1) if self.settings.router_level == "sequence" else h).flatten(0, -2)
                 for h in router_inputs]
-        n, count = rows[0].size(0), int(self.recent_count)
-        take = torch.randperm(n, generator=torch.Generator().manual_seed(count))[:RECENT_INPUTS // 8]
-        kept = torch.stack([r[take.to(r.device)] for r in rows]).float()
-        where = (count + torch.arange(kept.size(1), device=kept.device)) % RECENT_INPUTS
-        self.recent_inputs[:, where] = kept
-        self.recent_count += kept.size(1)
+        seed = int(self.recent_count)  # resuming draws alike
+        take = torch.randperm(rows[0].size(0), generator=torch.Generator().manual_seed(seed))
+        take = take[:RECENT_INPUTS // 16].to(rows[0].device)
+        self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()
     def follow_target(self):
-        """After every optimizer step (a hook from configure_optimizers): set the offset so that
-        the current routers open exactly target_capacity of the gates on the recent inputs
-        (all gated layers together, so the routers still choose which layers and rows stay
-        open). Like BatchNorm's running statistics it follows the training batches and is
-        frozen in eval mode. Scoring stored inputs with the current routers, not past scores,
-        keeps it exact however fast the routers move: a running correction of the offset lagged
-        behind them and left tunings of 50-100 steps 0.05-0.24 off target."""
+        """After every optimizer step (a hook from configure_optimizers): put the step's inputs
+        (of every process, in micro-batch order) in the ring, then set the offset so that the
+        current routers open exactly target_capacity of the gates on the ring's inputs (all
+        gated layers together, so the routers still choose which layers and rows stay open).
+        Like BatchNorm's running statistics it follows the training batches and is frozen in
+        eval mode. Scoring stored inputs with the current routers, not past scores, keeps it
+        exact however fast the routers move: a running correction of the offset lagged behind
+        them and left tunings of 50-100 steps 0.05-0.24 off target."""
+        if self.pending_inputs:
+            kept, self.pending_inputs = torch.cat(self.pending_inputs, dim=1), []
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                parts = [torch.empty_like(kept) for _ in range(torch.distributed.get_world_size())]
+                torch.distributed.all_gather(parts, kept)
+                kept = torch.cat(parts, dim=1)
+            kept = kept[:, -RECENT_INPUTS:]
+            where = (self.recent_count + torch.arange(kept.size(1), device=kept.device)) % RECENT_INPUTS
+            self.recent_inputs[:, where] = kept
+            self.recent_count += kept.size(1)
         # quantile calibration on the recent inputs: exact for the current routers, no gain to tune
         filled = min(int(self.recent_count), RECENT_INPUTS)
         if filled == 0:  # no tuning forward has recorded (or the settings never record)
