@@ -127,7 +127,8 @@ class MindSkipGPT(GPT):
         self.register_buffer("score_offset", torch.zeros(()))
         # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written;
         # buffers, so that resuming continues with them
-        self.register_buffer("recent_inputs", torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd))
+        ring = torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd)
+        self.register_buffer("recent_inputs", ring)
         self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
         self.pending_inputs = []  # this step's router inputs, (layers, rows, d) per micro-batch
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
@@ -244,8 +245,8 @@ class MindSkipGPT(GPT):
                 torch.distributed.all_gather(parts, kept)
                 kept = torch.cat(parts, dim=1)
             kept = kept[:, -RECENT_INPUTS:]
-            where = (self.recent_count + torch.arange(kept.size(1), device=kept.device)) % RECENT_INPUTS
-            self.recent_inputs[:, where] = kept
+            where = self.recent_count + torch.arange(kept.size(1), device=kept.device)
+            self.recent_inputs[:, where % RECENT_INPUTS] = kept
             self.recent_count += kept.size(1)
         # quantile calibration on the recent inputs: exact for the current routers, no gain to tune
         filled = min(int(self.recent_count), RECENT_INPUTS)
@@ -254,8 +255,9 @@ class MindSkipGPT(GPT):
         weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
         scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, :filled], weights).flatten()
         threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
-        share_closed = 1 - self.settings.target_capacity
-        self.score_offset.fill_(threshold - torch.quantile(scores, share_closed, interpolation="midpoint"))
+        closed = 1 - self.settings.target_capacity
+        boundary = torch.quantile(scores, closed, interpolation="midpoint")  # target share above it
+        self.score_offset.fill_(threshold - boundary)
 
     def gated_sublayer(self, block, x, h, g, kv):
         """x + g * f(x) for the sublayer --skip names, f reading h = its LayerNorm of x (computed

@@ -1,7 +1,8 @@
 """
 Router-tuning (mindskip.py): tuning touches only the routers and reaches closed gates
 straight-through, the sparsity terms are their formulas, the score offset holds the realised
-capacity at the target (also in short tunings whose routers move fast), the FLOP counts are the convention's, and gates decide in float32.
+capacity at the target (also in short tunings whose routers move fast), the FLOP counts are
+the convention's, and gates decide in float32.
 The helpers and tiny configs are test_mindskip.py's.
 """
 
@@ -187,7 +188,8 @@ def test_score_offset_opens_the_target_share_of_every_micro_batch_of_the_step_to
     """Two micro-batches then one step: the offset opens exactly the target share of their
     gates together, as the current routers score them."""
     idx = tokens(9, 8, 16)
-    model = split_the_gates(mindskip(dense_gpt(), target_capacity=0.25, skip_layers="1"), idx).train()
+    model = mindskip(dense_gpt(), target_capacity=0.25, skip_layers="1")
+    model = split_the_gates(model, idx).train()
     opt = frozen_router_optimizer(model)
     model(idx[:4])
     model(idx[4:])
