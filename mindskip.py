@@ -216,16 +216,17 @@ class MindSkipGPT(GPT):
         return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
 
     @torch.no_grad()
-    @torch.compiler.disable  # bookkeeping on Python ints: kept out of a compiled graph
     def record_for_target(self, router_inputs):
         """Set aside what each router read in this forward, for the ring of recent inputs:
-        every row at sequence level, a sample of the tokens at token level (so that the ring
+        every row at sequence level, a spread of tokens at token level (so that the ring
         spans many sequences), the same positions for every micro-batch of a step."""
         rows = [(h.mean(dim=1) if self.settings.router_level == "sequence" else h).flatten(0, -2)
                 for h in router_inputs]
-        seed = int(self.recent_count)  # resuming draws alike
-        take = torch.randperm(rows[0].size(0), generator=torch.Generator().manual_seed(seed))
-        take = take[:RECENT_INPUTS // 16].to(rows[0].device)
+        n = rows[0].size(0)
+        # a prime stride spreads the sample over rows and positions, the count moves it each step;
+        # tensor arithmetic only, so a compiled forward stays one graph
+        step = torch.arange(min(n, RECENT_INPUTS // 16), device=rows[0].device) * 7919
+        take = (step + self.recent_count) % n
         self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()
