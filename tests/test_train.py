@@ -16,6 +16,8 @@ import torch
 import checkpoint
 import train
 from conftest import tiny_flags
+from model import GPT
+from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +151,9 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(dataset, tmp_
 
 
 def test_each_variant_has_its_own_default_out_dir():
-    assert {v: train.parse_args([f"--variant={v}"])[0].out_dir for v in train.VARIANTS} == {
-        "baseline": "out", "mod": "out-mod", "mom": "out-mom", "router_tuning": "out-router_tuning"}
+    out_dirs = {v: train.parse_args([f"--variant={v}"])[0].out_dir for v in VARIANTS}
+    assert out_dirs == {v: "out" if cls is GPT else f"out-{v}" for v, (cls, _) in VARIANTS.items()}
+    assert out_dirs["baseline"] == "out" and out_dirs["mod"] == "out-mod"
 
 
 def test_a_new_run_refuses_a_folder_holding_a_checkpoint_unless_told_to_overwrite(dataset, tmp_path, capsys):
