@@ -224,6 +224,31 @@ def test_config_file_sets_flags(tmp_path):
     assert (cfg.n_layer, cfg.max_iters, cfg.n_head) == (1, 0, 1) and given == {"n_layer", "max_iters", "n_head"}
 
 
+def test_router_tuning_defaults_to_the_papers_recipe_and_flags_still_win():
+    """One epoch over its 1,000 tuning windows, 3% warmup, cosine decay to 0."""
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--init_from=base"])
+    assert (cfg.train_samples, cfg.max_iters, cfg.lr_decay_iters) == (1000, 84, 84)  # ceil(1000 / 12)
+    assert (cfg.warmup_iters, cfg.min_lr) == (3, 0.0)
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--batch_size=25", "--gradient_accumulation_steps=2",
+                                  "--train_samples=400"])
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (8, 8, 1)
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--max_iters=5", "--min_lr=1e-4"])
+    assert (cfg.max_iters, cfg.min_lr, cfg.lr_decay_iters) == (5, 1e-4, 84)
+    cfg, _, _ = train.parse_args(["--variant=mod"])
+    assert (cfg.max_iters, cfg.min_lr, cfg.train_samples) == (2000, 1e-4, 0)  # train.py's own defaults
+
+
+def test_router_tuning_prints_its_defaults_and_runs_one_epoch(dataset, tmp_path, capsys):
+    train.main(tiny_flags(dataset, tmp_path / "base", max_iters=2))
+    capsys.readouterr()
+    flags = [f for f in tiny_flags(dataset, tmp_path / "tuned", variant="router_tuning", init_from=tmp_path / "base",
+                                   train_samples=40) if not f.startswith(("--max_iters", "--lr_decay_iters"))]
+    train.main(flags)
+    out = capsys.readouterr().out
+    assert "--variant router_tuning sets its own defaults" in out and "--max_iters=10" in out  # 40 / 4
+    assert torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)["iter_num"] == 10
+
+
 def test_router_tuning_trains_one_epoch_over_its_samples_without_replacement(dataset):
     batches = train.Batches(dataset, 16, 4, "cpu", seed=0, samples=10)
     epoch = torch.cat([batches.offsets("train", 4) for _ in range(2)] + [batches.offsets("train", 2)])
@@ -241,12 +266,12 @@ def run_ddp(argv, out_dir, processes):
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("variant", ["baseline", "mod", "mom", "router_tuning"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(dataset, tmp_path, variant):
     common = tiny_flags(dataset, None, max_iters=3, dropout=0.0, gradient_accumulation_steps=2, variant=variant,
                         eval_interval=3)
     common = [f for f in common if not f.startswith("--out_dir")]
-    if variant == "router_tuning":
+    if VARIANTS[variant][0].starts_from_dense:  # tuned on a trained dense model
         train.main(tiny_flags(dataset, tmp_path / "base", max_iters=2, n_layer=4, dropout=0.0))
         common = [f for f in common if not f.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
         common += [f"--init_from={tmp_path / 'base'}", "--learning_rate=0.05"]
