@@ -333,10 +333,12 @@ class MoDGPT(GPT):
 
         def calibrate(block, args):
             scores = block.router(args[0]).flatten()
-            cut = torch.quantile(scores, 1 - block.capacity) if block.capacity < 1 else scores.min() - 1
+            c = block.capacity
+            cut = torch.quantile(scores, 1 - c) if c < 1 else scores.min() - 1
             block.router.bias -= cut  # the bias never changes top-k; here it moves the causal cut
 
-        hooks = [block.register_forward_pre_hook(calibrate) for block in self.routed_blocks().values()]
+        blocks = self.routed_blocks().values()
+        hooks = [block.register_forward_pre_hook(calibrate) for block in blocks]
         tokens = torch.randint(self.config.vocab_size, (4, self.config.block_size),
                                generator=torch.Generator().manual_seed(seed))
         with self.routing("causal"):  # block by block: each sees the routing before it

@@ -33,7 +33,8 @@ def build(case):
     cls, settings_cls = VARIANTS[name]
     settings = settings_cls(**overrides) if settings_cls else None
     torch.manual_seed(0)
-    model = cls.from_dense(GPT(CONFIG), settings) if cls.starts_from_dense else cls(CONFIG, settings)
+    dense = cls.starts_from_dense
+    model = cls.from_dense(GPT(CONFIG), settings) if dense else cls(CONFIG, settings)
     return spread(model, 0.3, 1)
 
 
