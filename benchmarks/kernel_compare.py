@@ -60,7 +60,7 @@ def compare_kernels(cfg, settings, config, device, autocast):
 
 def compare_one(cfg, name, variant_settings, config, device, autocast, reference_s, ref_flops):
     on_gpu = device.startswith("cuda")
-    print(f"# {variant_settings}, batch {cfg.batch_size} x {cfg.block_size}, median of "
+    print(f"# {name} {variant_settings}, batch {cfg.batch_size} x {cfg.block_size}, median of "
           f"{cfg.steps}{'' if on_gpu else '; no GPU: the triton rows run the reference'}")
     print(f"{'implementation':<18}{'block ms':>10}{'step ms':>10}{'speed x':>9}{'FLOP ceil':>11}"
           f"{'of ceil':>9}")
