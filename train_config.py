@@ -134,6 +134,8 @@ def resume_settings(cfg, settings, given, ckpt):
     refused by name."""
     names = {f.name for f in fields(TrainConfig)}
     stored = {k: v for k, v in ckpt.get("config", {}).items() if k in names}
+    if stored.get("train_samples") == -1:  # older runs: -1 meant the variant's own default
+        stored["train_samples"] = variant_defaults(ckpt["variant"], {}).get("train_samples", 0)
     stored_variant = ckpt.get("variant_args", {})
     if cfg.variant != ckpt["variant"] and "variant" in given:
         fail(f"{cfg.out_dir} holds a {ckpt['variant']} checkpoint, not --variant {cfg.variant}")
