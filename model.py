@@ -232,7 +232,7 @@ class GPT(nn.Module):
         if unweighted:
             name = sorted(unweighted)[0]
             raise ValueError(f"{type(self).__name__}.forward_trunk returns the aux loss {name!r}, "
-                           f"which its loss_weights has no coefficient for: add it to loss_weights")
+                             f"which its loss_weights has no coefficient for: add it there")
         return lm_loss + sum(self.loss_weights[k] * v for k, v in aux.items())
 
     @torch.no_grad()
