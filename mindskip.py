@@ -114,7 +114,7 @@ class MindSkipCache:
 
 class MindSkipGPT(GPT):
     starts_from_dense = True  # router-tuning tunes a trained dense model
-    default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples changes it)
+    tuning_samples = 1000  # the paper tunes on about 1,000 sequences, one epoch
 
     def __init__(self, config, settings):
         super().__init__(config)
@@ -143,6 +143,15 @@ class MindSkipGPT(GPT):
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("routers.")
         return model.to(dense.lm_head.weight.device)
+
+    @classmethod
+    def train_defaults(cls, cfg):
+        """The paper's recipe: one epoch over tuning_samples windows (--train_samples), 3% warmup,
+        cosine decay to 0 at the end, so the routers hold still while the offset settles."""
+        samples = cfg.train_samples or cls.tuning_samples
+        steps = math.ceil(samples / (cfg.batch_size * cfg.gradient_accumulation_steps))
+        return {"train_samples": samples, "max_iters": steps, "lr_decay_iters": steps,
+                "warmup_iters": math.ceil(0.03 * steps), "min_lr": 0.0}
 
     def checkpoint_state_dict(self):
         """Only the routers: the backbone lives in the base checkpoint."""
