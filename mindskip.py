@@ -114,7 +114,7 @@ class MindSkipCache:
 
 class MindSkipGPT(GPT):
     starts_from_dense = True  # router-tuning tunes a trained dense model
-    default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples changes it)
+    tuning_samples = 1000  # the paper tunes on about 1,000 sequences, one epoch
 
     def __init__(self, config, settings):
         super().__init__(config)
@@ -143,6 +143,15 @@ class MindSkipGPT(GPT):
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("routers.")
         return model.to(dense.lm_head.weight.device)
+
+    @classmethod
+    def train_defaults(cls, cfg):
+        """The paper's recipe: one epoch over tuning_samples windows (--train_samples), 3% warmup,
+        cosine decay to 0 at the end, so the routers hold still while the offset settles."""
+        samples = cfg.train_samples or cls.tuning_samples
+        steps = math.ceil(samples / (cfg.batch_size * cfg.gradient_accumulation_steps))
+        return {"train_samples": samples, "max_iters": steps, "lr_decay_iters": steps,
+                "warmup_iters": math.ceil(0.03 * steps), "min_lr": 0.0}
 
     def checkpoint_state_dict(self):
         """Only the routers: the backbone lives in the base checkpoint."""
@@ -216,16 +225,17 @@ class MindSkipGPT(GPT):
         return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
 
     @torch.no_grad()
-    @torch.compiler.disable  # bookkeeping on Python ints: kept out of a compiled graph
     def record_for_target(self, router_inputs):
         """Set aside what each router read in this forward, for the ring of recent inputs:
-        every row at sequence level, a sample of the tokens at token level (so that the ring
+        every row at sequence level, a spread of tokens at token level (so that the ring
         spans many sequences), the same positions for every micro-batch of a step."""
         rows = [(h.mean(dim=1) if self.settings.router_level == "sequence" else h).flatten(0, -2)
                 for h in router_inputs]
-        seed = int(self.recent_count)  # resuming draws alike
-        take = torch.randperm(rows[0].size(0), generator=torch.Generator().manual_seed(seed))
-        take = take[:RECENT_INPUTS // 16].to(rows[0].device)
+        n = rows[0].size(0)
+        # a prime stride spreads the sample over rows and positions, the count moves it each step;
+        # tensor arithmetic only, so a compiled forward stays one graph
+        step = torch.arange(min(n, RECENT_INPUTS // 16), device=rows[0].device) * 7919
+        take = (step + self.recent_count) % n
         self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ decode (new tokens against a KV cache).
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -318,6 +318,39 @@ class MoDGPT(GPT):
     def flop_ceiling(self, seq_len=None):
         """The most a MoD step can speed up over a same-dims GPT: baseline FLOPs / MoD FLOPs."""
         return GPT.flops_per_token(self, seq_len) / self.flops_per_token(seq_len)
+
+    # --- what bench.py measures ---------------------------------------------------------
+
+    @classmethod
+    def decode_settings(cls, settings):
+        """Decoding speed depends on how many tokens the routers send through: four capacities."""
+        return {f" C={c}": replace(settings, capacity=c) for c in (0.125, 0.25, 0.5, 1.0)}
+
+    @torch.no_grad()
+    def set_untrained_routing(self, seed):
+        """Set each routed block's router bias so that causal routing sends about `capacity` of
+        the tokens through: an untrained router routes about half of them whatever C is."""
+
+        def calibrate(block, args):
+            scores = block.router(args[0]).flatten()
+            c = block.capacity
+            cut = torch.quantile(scores, 1 - c) if c < 1 else scores.min() - 1
+            block.router.bias -= cut  # the bias never changes top-k; here it moves the causal cut
+
+        blocks = self.routed_blocks().values()
+        hooks = [block.register_forward_pre_hook(calibrate) for block in blocks]
+        tokens = torch.randint(self.config.vocab_size, (4, self.config.block_size),
+                               generator=torch.Generator().manual_seed(seed))
+        with self.routing("causal"):  # block by block: each sees the routing before it
+            self(tokens.to(self.lm_head.weight.device))
+        for hook in hooks:
+            hook.remove()
+        return self
+
+    def kernel_block(self):
+        """The first routed block, run in top-k (training) mode: what --kernels switches."""
+        block = next(iter(self.routed_blocks().values()))
+        return block, lambda x: block(x, "topk")[0]
 
     # --- from a trained dense model --------------------------------------------------------
 

@@ -3,22 +3,10 @@ GPT-2 in one file (nanoGPT layout, Hugging Face parameter names).
 
     tokens -> wte + wpe -> [ trunk: n_layer Blocks ] -> ln_f -> lm_head -> logits
 
-Each technique of this repository is a subclass of GPT (a "variant"). The class GPT below
-declares, with GPT-2's own behaviour as the default, every member a variant may override; the
-trainer, the sampler and the benchmark talk to every model only through these:
-
-    __init__(config, settings=None)   settings: the variant's own dataclass of flags
-    from_dense(dense, settings)       classmethod: a variant built from a trained GPT-2
-    starts_from_dense                 True if the variant cannot train from scratch
-    default_train_samples             0, or N: train by epochs over the first N windows of train.bin
-    forward_trunk(x, cache)           the blocks; returns (hidden state, {aux loss name: value})
-    loss_weights                      {aux loss name: coefficient the trainer multiplies it by}
-    evaluate(idx, targets)            metrics of one val batch; 'loss' is the val loss
-    flops_per_token(seq_len)          training FLOPs per token (the convention below)
-    new_cache()                       an empty KV cache for generate; kv_cache_nbytes(cache)
-    depth_per_token(idx, prompt_len)  share of the network each token went through
-    checkpoint_state_dict()           what a checkpoint keeps (all weights, or only the trained ones)
-    ddp_find_unused_parameters        True if some weights may get no gradient in a step
+Each technique of this repository is a subclass of GPT (a "variant"), registered in
+variants.py. The class GPT below holds, as GPT-2's own behaviour, the default of every member
+of the variant contract (variants.CONTRACT lists them, one line each); the trainer, the sampler
+and the benchmark talk to every model only through these.
 
 forward returns (logits, loss, aux). Block exposes its attention and MLP updates separately
 (`attn_update`, `mlp_update`) so that a variant reuses them instead of copying attention.
@@ -156,8 +144,8 @@ def attention_flops(n_embd, n_keys):
 
 class GPT(nn.Module):
     starts_from_dense = False  # plain GPT-2 trains from scratch
-    default_train_samples = 0  # training windows: 0 = random windows from all of train.bin
     ddp_find_unused_parameters = False  # every weight gets a gradient in every step
+    loss_weights = {}  # name of an aux loss -> coefficient; plain GPT-2 has none
 
     def __init__(self, config, settings=None):
         super().__init__()
@@ -172,7 +160,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.loss_weights = {}  # name of an aux loss -> coefficient; plain GPT-2 has none
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -190,6 +177,12 @@ class GPT(nn.Module):
     def from_dense(cls, dense, settings=None):
         """The variant built from a trained GPT-2; for GPT-2 itself, the model as it is."""
         return dense
+
+    @classmethod
+    def train_defaults(cls, cfg):
+        """{training flag: value} this variant changes from train.py's defaults, given the run's
+        TrainConfig (e.g. its batch size); a flag the user gives still wins. GPT-2: none."""
+        return {}
 
     def checkpoint_state_dict(self):
         """The tensors a checkpoint keeps: all of them here."""
@@ -233,6 +226,15 @@ class GPT(nn.Module):
             loss = None
         return logits, loss, aux
 
+    def training_loss(self, lm_loss, aux):
+        """What a training step minimises: lm_loss + sum of loss_weights[name] * aux[name]."""
+        unweighted = aux.keys() - self.loss_weights.keys()
+        if unweighted:
+            name = sorted(unweighted)[0]
+            raise ValueError(f"{type(self).__name__}.forward_trunk returns the aux loss {name!r}, "
+                             f"which its loss_weights has no coefficient for: add it there")
+        return lm_loss + sum(self.loss_weights[k] * v for k, v in aux.items())
+
     @torch.no_grad()
     def evaluate(self, idx, targets):
         """Metrics for one validation batch; 'loss' is the number train.py tracks as val loss.
@@ -248,6 +250,11 @@ class GPT(nn.Module):
         d, L = self.config.n_embd, self.config.n_layer
         per_block = 6 * block_matmul_params(d) + attention_flops(d, T)
         return L * per_block + 6 * d * self.config.vocab_size
+
+    def step_flops_per_token(self, seq_len=None):
+        """Training FLOPs per token of the routing the last forward took (bench.py's rows); a
+        variant whose cost depends on its routers' choices counts those."""
+        return self.flops_per_token(seq_len)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation, as a fraction of peak_flops (default: A100 bf16)."""
@@ -302,6 +309,22 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    # --- what bench.py measures ---------------------------------------------------------
+
+    @classmethod
+    def decode_settings(cls, settings):
+        """{row label suffix: settings} that bench.py --decode times, one row each."""
+        return {"": settings}
+
+    def set_untrained_routing(self, seed):
+        """Make untrained routers route as the settings say (bench.py times untrained models)."""
+        return self
+
+    def kernel_block(self):
+        """(module, run(x) -> output) whose kernels the settings' `kernels` flag switches, for
+        bench.py --compare_kernels; None: no such kernels."""
+        return None
 
     # --- what generation used (sample.py --show_depth) -----------------------------------
 

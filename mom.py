@@ -452,6 +452,11 @@ class MoMGPT(GPT):
             total += 6 * chunk.steps * (chunk.attn_router.matmul_params() + chunk.ffn_router.matmul_params()) * B * T
         return total / (B * T) + 6 * d * self.config.vocab_size
 
+    def step_flops_per_token(self, seq_len=None):
+        """The routing the last forward took: untrained routers send some tokens to SKIP, so the
+        no-SKIP ceiling would understate what a perfect implementation could reach."""
+        return self.routing_flops_per_token(self.last_routing)
+
     def flops_per_token(self, seq_len=None):
         """The ceiling: every token takes K real modules from both pools at every step (no SKIP).
         evaluate() reports the realised figure of the routing it saw."""
