@@ -1,10 +1,11 @@
 """
-Router-Tuning with MindSkip (He et al. 2024, arXiv 2410.13184).
+Router-Tuning with MindSkip (He et al. 2024, arXiv 2410.13184). The method is Router-Tuning
+(variant `router_tuning`); the module it trains is MindSkip, hence this file and MindSkipGPT.
 
 MindSkip puts a skip gate on the attention sublayer of some layers of a trained model:
 
     s = w . mean_t LN_1(x)_t                      one score per sequence (w zero-initialised)
-    g = 1[sigmoid(s) >= 0.5]                      forward; d g / d s = sigmoid'(s) backward
+    g = 1[sigmoid(s + b) >= 0.5]                  forward; d g / d s = sigmoid'(s) backward
     x <- x + g * Attn(LN_1(x))
 
 A closed gate (g = 0) means the sublayer is not computed at all and, when generating, writes
@@ -12,22 +13,15 @@ no KV cache. The gate (router.MindSkipGate) can decide per token instead of per 
 The official code gates attention only; gating the MLP (x + g * MLP(LN_2(x))) or the whole
 block (--skip mlp | block) is this project's extension.
 
-Router-tuning freezes every weight of the trained model and trains only the routers w on a
-small slice of its pretraining text (the paper tunes on instruction data with the prompt
-masked out; we tune on the same kind of text the base was trained on) with
+Router-tuning freezes every weight of the trained model and trains only the routers w:
 
     loss = LM loss + lambda * (mean(g) - target_capacity)^2          --sparsity target (default)
     loss = LM loss + lambda * sum over gated layers of mean(g)       --sparsity official
 
-The two-sided penalty pulls the share of open gates to the target from either side; the
-official term has no target and only pushes gates shut. With --sparsity target, one offset b
-is added to every score, s + b, and each tuning step moves b towards opening exactly the
-target share of the batch's gates (this project's; the paper's routers have neither a bias nor
-a target): the penalty alone left the realised share up to 0.08 off at sequence level. While tuning, a closed gate's
-sublayer is still computed (times 0), so the LM loss reaches closed gates straight-through
-and can reopen them; the official code skips closed sequences in training too, so a gate
-it closes hears only the sparsity term. Zero-initialised routers give sigmoid(0) = 0.5 >= 0.5:
-tuning starts from the dense model.
+With --sparsity target, the offset b shared by every gate follows the target after each
+tuning step (this project's; the penalty alone left the open share up to 0.08 off). While
+tuning, a closed gate's sublayer is still computed (times 0), so the LM loss reaches it
+straight-through. Zero routers give sigmoid(0) = 0.5: tuning starts from the dense model.
 """
 
 import dataclasses
@@ -37,21 +31,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import MindSkipGate, capacity_penalty, gate_sum_sparsity, pack_mask
+from model import GPT, KVCache, RowKVCache, attention_flops, block_matmul_params, copy_weights
+from router import MindSkipGate, capacity_penalty, flat_rows, gate_sum_sparsity, pack_mask
 
-OFFSET_STEP = 0.1  # the offset moves by this x (open share - target) x score spread per optimizer step
+OFFSET_STEP = 0.1  # per optimizer step, the offset moves by this x (open share - target) x spread
 
 
 @dataclass
 class MindSkipConfig:
     skip: str = "attn"  # attn | mlp | block: the sublayer each routed layer may skip
-    skip_layers: str = ""  # comma list of 0-based layers to route, e.g. "2,3,4"; "" = upper half minus the last (12 layers: 5-10)
-    router_level: str = "sequence"  # sequence: one gate per sequence from the mean LN output | token: one per token (causal)
-    target_capacity: float = 0.5  # share of gated sublayers that should stay open (--sparsity target)
-    sparsity: str = "target"  # target: lambda * (mean g - target)^2 | official: lambda * sum over layers of mean g
+    # comma list of 0-based layers to route, e.g. "2,3,4"; "" = upper half minus the last
+    skip_layers: str = ""
+    # sequence: one gate per sequence from the mean LN output | token: one per token (causal)
+    router_level: str = "sequence"
+    target_capacity: float = 0.5  # share of gated sublayers that should stay open
+    # target: lambda * (mean g - target)^2 | official: lambda * sum over layers of mean g
+    sparsity: str = "target"
     sparsity_coef: float = 50.0  # lambda (the official code calls it gradient_scale)
-    gate_threshold: float = 0.5  # gate opens iff sigmoid(score) >= this; 0 forces open, > 1 forces closed
+    gate_threshold: float = 0.5  # open iff sigmoid(score) >= this; 0 forces open, > 1 closed
 
     def __post_init__(self):
         if self.skip not in ("attn", "mlp", "block"):
@@ -72,7 +69,8 @@ class MindSkipConfig:
         """The layers listed in --skip_layers (empty list for the default)."""
         parts = [p.strip() for p in self.skip_layers.split(",")] if self.skip_layers.strip() else []
         if not all(p.isdigit() for p in parts):
-            raise ValueError(f"--skip_layers must be comma-separated layer numbers like 3,4,5, got {self.skip_layers!r}")
+            raise ValueError(f"--skip_layers must be comma-separated layer numbers like 3,4,5, "
+                             f"got {self.skip_layers!r}")
         layers = [int(p) for p in parts]
         if len(set(layers)) != len(layers):
             raise ValueError(f"--skip_layers lists a layer twice: {self.skip_layers!r}")
@@ -84,13 +82,15 @@ class MindSkipConfig:
         official code keeps it dense, and we refuse a list that names it."""
         layers = self.explicit_layers() or list(range(n_layer - 1 - n_layer // 2, n_layer - 1))
         if not layers:
-            raise ValueError(f"a {n_layer}-layer model has no default layers to route: pass --skip_layers")
+            raise ValueError(f"a {n_layer}-layer model has no default layers to route: "
+                             f"pass --skip_layers")
         if layers[-1] >= n_layer:
             raise ValueError(f"--skip_layers {self.skip_layers!r} names layer {layers[-1]}, "
                              f"but the model has layers 0..{n_layer - 1}")
         if layers[-1] == n_layer - 1:
-            raise ValueError(f"--skip_layers {self.skip_layers!r} gates the last layer ({n_layer - 1}), "
-                             f"which stays dense: choose among layers 0..{n_layer - 2}")
+            raise ValueError(f"--skip_layers {self.skip_layers!r} gates the last layer "
+                             f"({n_layer - 1}), which stays dense: choose among layers "
+                             f"0..{n_layer - 2}")
         return layers
 
 
@@ -99,145 +99,99 @@ class MindSkipCache:
     never on the module, so nothing carries over from one prompt to the next."""
 
     def __init__(self, decisions=None):
-        # layer -> KVCache over the rows whose gate is open (sequence level), or
-        # layer -> {row: KVCache over that row's open tokens} (token level). A layer whose
-        # gated attention never ran has no entry at all.
+        # layer -> KVCache over the rows whose gate is open (sequence level), or a RowKVCache
+        # over each row's open tokens (token level); a gated attention that never ran: none
         self.kv = {}
         # layer -> (B,) bool, made at prefill (sequence level). Pass your own to replay them.
         self.decisions = dict(decisions or {})
 
     def nbytes(self):
-        caches = [c for v in self.kv.values() for c in (v.values() if isinstance(v, dict) else [v])]
-        return sum(c.nbytes() for c in caches)
+        return sum(c.nbytes() for c in self.kv.values())
 
 
 class MindSkipGPT(GPT):
     starts_from_dense = True  # router-tuning tunes a trained dense model
-    default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples changes it)
+    default_train_samples = 1000  # the paper tunes on about 1,000 samples (--train_samples)
 
     def __init__(self, config, settings):
         super().__init__(config)
         self.settings = settings
         self.routed = settings.routed_layers(config.n_layer)
-        self.routers = nn.ModuleDict({str(i): MindSkipGate(config.n_embd, settings.router_level,
-                                                           settings.gate_threshold) for i in self.routed})
+        self.routers = nn.ModuleDict({
+            str(i): MindSkipGate(config.n_embd, settings.router_level, settings.gate_threshold)
+            for i in self.routed})
         self.loss_weights = {"sparsity": settings.sparsity_coef}
-        # added to every gate's score; follows the target while tuning (see follow_target)
+        # added to every gate's score; follows the target while tuning (step_score_offset)
         self.register_buffer("score_offset", torch.zeros(()))
-        # (sum of (open share - target) x score spread, forwards) since the last optimizer step;
-        # a plain tensor, not a buffer, so that DDP never overwrites one rank's with another's
+        # (sum of (open share - target) x score spread, forwards) since the last optimizer
+        # step; a plain tensor, not a buffer, so DDP never overwrites one rank's with another's
         self.offset_pending = torch.zeros(2)
-        self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
-        self.last_open = None
+        self.last_capacity = None  # share of gates open in the last forward; for logging
+        self.last_open = None  # per gated layer: (B,) or (B, T) bool; for depth_per_token
 
     @classmethod
     def from_dense(cls, dense, settings):
-        """Copy a trained GPT's weights, add zero routers, and freeze everything but the routers."""
+        """Copy a trained GPT's weights, add zero routers, freeze everything but the routers."""
         model = cls(dataclasses.replace(dense.config), settings)
-        missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("routers.") or k == "score_offset" for k in missing)
+        copy_weights([(model.transformer, dense.transformer), (model.lm_head, dense.lm_head)])
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("routers.")
         return model.to(dense.lm_head.weight.device)
 
     def checkpoint_state_dict(self):
         """Only the routers: the backbone lives in the base checkpoint."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("routers.") or k == "score_offset"}
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith("routers.") or k == "score_offset"}
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the routers with no weight decay, whatever --weight_decay says: decay pulls
-        every score towards 0, where sigmoid(0) = 0.5 opens the gate (the official recipe uses 0)."""
-        optimizer = torch.optim.AdamW(self.routers.parameters(), lr=learning_rate, betas=betas, weight_decay=0.0)
-        optimizer.register_step_post_hook(lambda *_: self.follow_target())
+        every score towards 0, where sigmoid(0) = 0.5 opens the gate (the official recipe: 0)."""
+        optimizer = torch.optim.AdamW(self.routers.parameters(), lr=learning_rate, betas=betas,
+                                      weight_decay=0.0)
+        optimizer.register_step_post_hook(lambda *_: self.step_score_offset())
         return optimizer
 
     def new_cache(self, decisions=None):
         return MindSkipCache(decisions)
 
-    # --- forward -------------------------------------------------------------------------
+    # --- forward: one layer ------------------------------------------------------------------
 
     def forward_trunk(self, x, cache=None):
-        """model.train() is the tuning forward: every gated sublayer is computed and multiplied by
-        its gate, so a closed gate still gets the LM loss's straight-through gradient.
-        model.eval() skips what closed gates close, and with a cache writes no KV for it."""
-        if self.training and cache is not None:
-            raise ValueError("generating with a cache needs model.eval(): tuning computes closed sublayers too")
-        skip, gates, scores = self.settings.skip, [], []
+        """model.train() tunes (forward_tuning); model.eval() skips what closed gates close."""
+        if not self.training:
+            return self.forward_inference(x, cache)
+        if cache is not None:
+            raise ValueError("generating with a cache needs model.eval(): tuning computes "
+                             "closed sublayers too")
+        return self.forward_tuning(x)
+
+    def run_layers(self, x, cache, through_gate):
+        """Every layer in order, a gated one's gate run by through_gate: (x, gates, scores)."""
+        gates, scores = [], []
         for i, block in enumerate(self.transformer.h):
             if i not in self.routed:
                 x = block(x, self.layer_cache(cache, i))
                 continue
-            if skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
-                x = x + block.attn_update(x, self.layer_cache(cache, i))
-            h = (block.ln_2 if skip == "mlp" else block.ln_1)(x)  # the gated sublayer's input; its router reads it too
-            gate, score = self.gate(i, h, cache)
-            scores.append(score)
-            if self.training:
-                x = self.gated_sublayer(block, x, h, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
-            elif self.settings.router_level == "sequence":
-                x = self.skip_closed_rows(i, block, x, h, gate, cache)
-            else:
-                x = self.skip_closed_tokens(i, block, x, h, gate, cache)
-            if skip == "attn":
-                x = x + block.mlp_update(x)
+            x, gate, score = self.gated_layer(i, block, x, cache, through_gate)
             gates.append(gate)
-        self.last_open = [g.detach() > 0 for g in gates]  # per gated layer: (B,) or (B, T); for depth_per_token
-        every_gate = torch.cat([g.flatten() for g in gates])
-        self.last_capacity = every_gate.detach().mean()
-        if self.follows_target():
-            self.record_for_target(torch.cat([s.flatten() for s in scores]))
-        if self.settings.sparsity == "official":
-            return x, {"sparsity": gate_sum_sparsity(gates)}
-        return x, {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
+            scores.append(score)
+        return x, gates, scores
 
-    def layer_cache(self, cache, i):
-        """Layer i's KVCache when every row writes to it (ungated attention)."""
-        return None if cache is None else cache.kv.setdefault(i, KVCache())
-
-    def gate(self, i, h, cache):
-        """Layer i's gate on h, the gated sublayer's LayerNorm output: (B,) or (B, T) in {0, 1},
-        and its scores (None when replayed): a sequence gate is replayed from the cache once the
-        prompt has decided it."""
-        if cache is not None and i in cache.decisions:
-            return cache.decisions[i].float(), None  # decided on the prompt; decode steps reuse it
-        # at training and evaluation a sequence gate sees the full sequence (as in the paper);
-        # when generating, it sees the prompt only
-        gate, score = self.routers[str(i)](h, self.score_offset)
-        if cache is not None and self.settings.router_level == "sequence":
-            cache.decisions[i] = gate.detach() > 0
-        return gate, score
-
-    def follows_target(self):
-        """True in a tuning forward with --sparsity target and a threshold that can go either way."""
-        return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
-
-    @torch.no_grad()
-    def record_for_target(self, scores):
-        """Remember how far this batch's open share was from the target, scaled by the spread of
-        its scores (so the step does not depend on their scale)."""
-        threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
-        open_share = (scores + self.score_offset >= threshold).float().mean()
-        error = (open_share - self.settings.target_capacity) * scores.std()
-        self.offset_pending = self.offset_pending.to(scores.device) + torch.stack([error, torch.ones_like(error)])
-
-    @torch.no_grad()
-    def follow_target(self):
-        """After every optimizer step (a hook from configure_optimizers): move the offset against
-        the mean recorded error of the step's micro-batches, on every process alike. Like
-        BatchNorm's running statistics it follows the training batches and is frozen in eval
-        mode; its fixed point opens exactly target_capacity of the gates (all gated layers
-        together, so the routers still choose which layers and rows stay open). The penalty
-        alone left the realised share up to 0.08 off target at sequence level, where the few
-        rows of a batch give it a coarse, noisy count."""
-        pending, self.offset_pending = self.offset_pending, torch.zeros(2, device=self.score_offset.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(pending)  # the whole global batch, as one process would see it
-        if pending[1] > 0:
-            self.score_offset -= OFFSET_STEP * pending[0] / pending[1]
+    def gated_layer(self, i, block, x, cache, through_gate):
+        """Layer i, its --skip sublayer behind the gate: through_gate(i, block, x, h, cache) runs
+        x + g * f(x) the mode's way, h being the sublayer's LayerNorm output (the router's input
+        too). The ungated sublayer runs around it: attention before a gated MLP, the MLP after a
+        gated attention."""
+        if self.settings.skip == "mlp":
+            x = x + block.attn_update(x, self.layer_cache(cache, i))
+            return through_gate(i, block, x, block.ln_2(x), cache)
+        x, gate, score = through_gate(i, block, x, block.ln_1(x), cache)
+        if self.settings.skip == "attn":
+            x = x + block.mlp_update(x)
+        return x, gate, score
 
     def gated_sublayer(self, block, x, h, g, kv):
-        """x + g * f(x) for the sublayer --skip names, f reading h = its LayerNorm of x (computed
-        once for the router and the sublayer); g broadcasts over x's rows and tokens."""
+        """x + g * f(x) for the sublayer --skip names, f reading h; g broadcasts over x."""
         if self.settings.skip == "attn":
             return x + g * block.attn(h, kv)
         if self.settings.skip == "mlp":
@@ -247,52 +201,133 @@ class MindSkipGPT(GPT):
         x = x + g * block.attn(h, kv)
         return x + g * block.mlp_update(x)
 
-    def skip_closed_rows(self, i, block, x, h, gate, cache):
-        """Sequence gates at inference: when every row agrees the sublayer runs on the whole
-        batch or not at all; otherwise only the open rows are selected and computed."""
+    def layer_cache(self, cache, i):
+        """Layer i's KVCache when every row writes to it (ungated attention)."""
+        return None if cache is None else cache.kv.setdefault(i, KVCache())
+
+    def gate_losses(self, gates):
+        """The sparsity term of the gates of one forward; remembers their open share."""
+        self.last_open = [g.detach() > 0 for g in gates]
+        every_gate = torch.cat([g.flatten() for g in gates])
+        self.last_capacity = every_gate.detach().mean()
+        if self.settings.sparsity == "official":
+            return {"sparsity": gate_sum_sparsity(gates)}
+        return {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
+
+    # --- forward: tuning -----------------------------------------------------------------------
+
+    def forward_tuning(self, x):
+        """x <- x + g * f(x): every gated sublayer is computed and multiplied by its gate, so a
+        closed gate still gets the LM loss's straight-through gradient."""
+        x, gates, scores = self.run_layers(x, None, self.tuning_gate)
+        if self.offset_follows_target():
+            self.record_offset_error(torch.cat([s.flatten() for s in scores]))
+        return x, self.gate_losses(gates)
+
+    def tuning_gate(self, i, block, x, h, cache=None):
+        gate, score = self.routers[str(i)](h, self.score_offset)  # (B,) or (B, T)
+        g = gate.reshape(gate.shape + (1,) * (x.dim() - gate.dim()))  # broadcasts over x
+        return self.gated_sublayer(block, x, h, g, None), gate, score
+
+    def offset_follows_target(self):
+        """True in a tuning forward with --sparsity target and a threshold that can go either
+        way: the forwards whose open share moves the score offset."""
+        return (self.training and self.settings.sparsity == "target"
+                and 0 < self.settings.gate_threshold < 1)
+
+    @torch.no_grad()
+    def record_offset_error(self, scores):
+        """Add this batch's open share minus the target, times its scores' spread (so the step
+        does not depend on their scale), to what the next optimizer step will apply."""
+        threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
+        open_share = (scores + self.score_offset >= threshold).float().mean()
+        error = (open_share - self.settings.target_capacity) * scores.std()
+        pending = self.offset_pending.to(scores.device)
+        self.offset_pending = pending + torch.stack([error, torch.ones_like(error)])
+
+    @torch.no_grad()
+    def step_score_offset(self):
+        """After every optimizer step (configure_optimizers' hook): b <- b - 0.1 x the mean
+        recorded error of the step's micro-batches, on every process alike. Like BatchNorm's
+        running statistics it follows the training batches and is frozen in eval mode."""
+        pending = self.offset_pending
+        self.offset_pending = torch.zeros(2, device=self.score_offset.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending)  # the whole global batch, as one process sees
+        if pending[1] > 0:
+            self.score_offset -= OFFSET_STEP * pending[0] / pending[1]
+
+    # --- forward: inference --------------------------------------------------------------------
+
+    def forward_inference(self, x, cache=None):
+        """x <- x + f(x) where g = 1, x where g = 0: a closed gate's sublayer is not computed
+        and, with a cache, writes no KV."""
+        sequence = self.settings.router_level == "sequence"
+        through_gate = self.open_rows_only if sequence else self.open_tokens_only
+        x, gates, _ = self.run_layers(x, cache, through_gate)
+        return x, self.gate_losses(gates)
+
+    def sequence_gate(self, i, h, cache):
+        """Layer i's sequence gate (B,) and scores: decided on the prompt when generating (and
+        kept in the cache for every later token), on the whole sequence otherwise (the paper)."""
+        if cache is not None and i in cache.decisions:
+            return cache.decisions[i].float(), None
+        gate, score = self.routers[str(i)](h, self.score_offset)
+        if cache is not None:
+            cache.decisions[i] = gate.detach() > 0
+        return gate, score
+
+    def open_rows_only(self, i, block, x, h, cache):
+        """Sequence gates: when every row agrees the sublayer runs on the whole batch or not at
+        all; otherwise only the open rows are selected and computed."""
+        gate, score = self.sequence_gate(i, h, cache)
         open_rows = gate > 0  # (B,)
-        kv_layer = cache is not None and self.settings.skip != "mlp"
         if not open_rows.any():
-            return x  # no work and no cache
-        kv = self.layer_cache(cache, i) if kv_layer else None
+            return x, gate, score  # no work and no cache
+        kv = self.layer_cache(cache, i) if self.settings.skip != "mlp" else None
         if open_rows.all():
-            return self.gated_sublayer(block, x, h, 1.0, kv)
+            return self.gated_sublayer(block, x, h, 1.0, kv), gate, score
         # decisions are fixed for a whole generation, so this cache always holds the same rows
         rows = open_rows.nonzero().squeeze(1)
-        return x.index_copy(0, rows, self.gated_sublayer(block, x.index_select(0, rows), h.index_select(0, rows), 1.0, kv))
+        new = self.gated_sublayer(block, x.index_select(0, rows), h.index_select(0, rows), 1.0, kv)
+        return x.index_copy(0, rows, new), gate, score
 
-    def skip_closed_tokens(self, i, block, x, h, gate, cache):
-        """Token gates at inference. Open tokens are gathered, each row on its own (rows open
-        different numbers of tokens), so a closed token is neither a query nor a key here."""
-        open_tokens = gate > 0  # (B, T)
-        kv_layer = cache is not None and self.settings.skip != "mlp"
-        if not kv_layer and open_tokens.all():
+    def open_tokens_only(self, i, block, x, h, cache):
+        """Token gates: only the open tokens go through the sublayer, a closed token being
+        neither a query nor a key. With KV to write, row by row into each row's cache."""
+        gate, score = self.routers[str(i)](h, self.score_offset)  # (B, T)
+        open_tokens = gate > 0
+        if cache is None or self.settings.skip == "mlp":
+            return self.open_tokens_packed(block, x, h, open_tokens), gate, score
+        kv = cache.kv.setdefault(i, RowKVCache())
+        return self.open_tokens_per_row(block, x, h, open_tokens, kv), gate, score
+
+    def open_tokens_packed(self, block, x, h, open_tokens):
+        """Each row's open tokens first, in causal order, padding after them (so no real token
+        sees padding), one sublayer pass over (B, most open), the real rows written back."""
+        if open_tokens.all():
             return self.gated_sublayer(block, x, h, 1.0, None)
-        if not kv_layer:  # no cache to write: every row's open tokens packed into one batched pass
-            return self.skip_closed_tokens_packed(block, x, h, open_tokens)
+        if not open_tokens.any():
+            return x
+        B, T, C = x.shape
+        order, valid = pack_mask(open_tokens)  # (B, m)
+        rows = flat_rows(order, T)
+        x_flat, h_flat = x.reshape(B * T, C), h.reshape(B * T, C)
+        x_open = x_flat.index_select(0, rows).view(B, -1, C)
+        new = self.gated_sublayer(block, x_open, h_flat.index_select(0, rows).view(B, -1, C),
+                                  1.0, None)
+        real = valid.flatten()
+        return x_flat.index_copy(0, rows[real], new.reshape(-1, C)[real]).view(B, T, C)
+
+    def open_tokens_per_row(self, block, x, h, open_tokens, kv):
+        """Row b's open tokens against kv.row(b): rows open different numbers of tokens."""
         x = x.clone()
         for b in range(x.size(0)):
             idx = open_tokens[b].nonzero().squeeze(1)  # ascending: keeps causal order
-            if idx.numel() == 0:
-                continue
-            kv = cache.kv.setdefault(i, {}).setdefault(b, KVCache()) if kv_layer else None
-            x[b, idx] = self.gated_sublayer(block, x[b, idx][None], h[b, idx][None], 1.0, kv)[0]
+            if idx.numel():
+                x[b, idx] = self.gated_sublayer(block, x[b, idx][None], h[b, idx][None], 1.0,
+                                                kv.row(b))[0]
         return x
-
-    def skip_closed_tokens_packed(self, block, x, h, open_tokens):
-        """Each row's open tokens first, in causal order, padding after them (so no real token
-        sees padding), one sublayer pass over the (B, most open) batch, and the open rows
-        written back: one gather and one index_copy instead of a forward per row."""
-        B, T, C = x.shape
-        if not open_tokens.any():
-            return x
-        order, valid = pack_mask(open_tokens)  # (B, m)
-        rows = (order + T * torch.arange(B, device=x.device)[:, None]).flatten()
-        x_flat, h_flat = x.reshape(B * T, C), h.reshape(B * T, C)
-        new = self.gated_sublayer(block, x_flat.index_select(0, rows).view(B, -1, C),
-                                  h_flat.index_select(0, rows).view(B, -1, C), 1.0, None)
-        real = valid.flatten()
-        return x_flat.index_copy(0, rows[real], new.reshape(-1, C)[real]).view(B, T, C)
 
     @torch.no_grad()
     def evaluate(self, idx, targets):
@@ -303,24 +338,17 @@ class MindSkipGPT(GPT):
 
     # --- generation ----------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cache=None):
-        """As GPT.generate. Without a cache, sequence gates still decide as cached generation
-        does: on the prompt, and again on the window wherever the cached path starts a fresh
-        cache (once the text fills block_size); each step recomputes the window with them."""
+    def generation_forward(self, idx, cache, seen, use_cache=True):
+        """As GPT's. Without the KV cache, sequence gates still decide as cached generation does:
+        on the prompt, and again on the window where the cached path would start a fresh cache
+        (once the text fills block_size); `cache` then carries only those decisions."""
         if use_cache or self.settings.router_level == "token":  # token gates are causal already
-            return super().generate(idx, max_new_tokens, temperature, top_k, use_cache, cache)
-        decisions, seen = None, 0  # seen: the tokens the cached path's cache would hold
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size:]
-            decide = decisions is None or seen >= self.config.block_size
-            seen = window.size(1) if decide else seen + 1
-            # one step of GPT.generate on a throwaway cache: it runs the whole window once
-            step_cache = self.new_cache(None if decide else decisions)
-            step = super().generate(window, 1, temperature, top_k, use_cache=True, cache=step_cache)
-            decisions = step_cache.decisions
-            idx = torch.cat((idx, step[:, -1:]), dim=1)
-        return idx
+            return super().generation_forward(idx, cache, seen, use_cache)
+        decide = cache is None or seen >= self.config.block_size
+        window = idx[:, -self.config.block_size:]
+        cache = self.new_cache(None if decide else cache.decisions)
+        logits = self(window, cache=cache)[0]
+        return logits, cache, window.size(1) if decide else seen + 1
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
@@ -333,7 +361,8 @@ class MindSkipGPT(GPT):
             cache = self.new_cache()
             self(idx[:, :prompt_len][:, -self.config.block_size:], cache=cache)
             closed = sum((~d).float() for d in cache.decisions.values())  # (B,)
-            return (1 - skipped_per_gate * closed[:, None] / n_sublayers).expand(idx.shape).cpu()
+            depth = 1 - skipped_per_gate * closed[:, None] / n_sublayers
+            return depth.expand(idx.shape).cpu()
         depths = []
         for window in self.context_windows(idx):
             self(window)
@@ -347,21 +376,23 @@ class MindSkipGPT(GPT):
         """(matmul weights, attention FLOPs per token over T keys) of one gated sublayer."""
         d = self.config.n_embd
         attn_weights = 4 * d * d  # c_attn 3d^2 + c_proj d^2
-        weights = {"attn": attn_weights, "mlp": block_matmul_params(d) - attn_weights, "block": block_matmul_params(d)}
-        return weights[self.settings.skip], (0 if self.settings.skip == "mlp" else attention_flops(d, T))
+        weights = {"attn": attn_weights, "mlp": block_matmul_params(d) - attn_weights,
+                   "block": block_matmul_params(d)}
+        attention = 0 if self.settings.skip == "mlp" else attention_flops(d, T)
+        return weights[self.settings.skip], attention
 
     def flops_per_token(self, seq_len=None):
-        """FLOPs per token of a router-tuning step: the FLOP convention (6 x matmul weights +
-        12 d T per attended layer) for a frozen backbone. Frozen weights need no gradient, so a
-        matmul costs 4 x its weights (forward + its input's gradient); attention keeps 12 d T
-        (its backward has no weights). Sublayers up to the first gate need no backward at all
-        (2 x weights + 4 d T). Tuning computes every gated sublayer whatever its gate says, so
-        this does not depend on the capacity; a router costs 6 x its d weights."""
+        """FLOPs per token of a router-tuning step, frozen backbone: a frozen matmul costs 4 x
+        its weights (forward + its input's gradient), attention keeps 12 d T; sublayers up to
+        the first gate need no backward (2 x weights + 4 d T). Every gated sublayer is computed
+        whatever its gate says, so this does not depend on the capacity; a router costs 6 d."""
         T = seq_len or self.config.block_size
         d, V = self.config.n_embd, self.config.vocab_size
-        sublayers = [(4 * d * d, attention_flops(d, T)), (8 * d * d, 0)] * self.config.n_layer  # attn, mlp, ...
-        first_gate = 2 * min(self.routed) + (self.settings.skip == "mlp")  # gradients start after it
-        total = sum(2 * w + a / 3 if s <= first_gate else 4 * w + a for s, (w, a) in enumerate(sublayers))
+        # (matmul weights, attention FLOPs) of attn, mlp, attn, mlp, ...
+        sublayers = [(4 * d * d, attention_flops(d, T)), (8 * d * d, 0)] * self.config.n_layer
+        first_gate = 2 * min(self.routed) + (self.settings.skip == "mlp")  # gradients start after
+        total = sum(2 * w + a / 3 if s <= first_gate else 4 * w + a
+                    for s, (w, a) in enumerate(sublayers))
         return total + 4 * d * V + 6 * d * len(self.routed)
 
     def inference_flops_per_token(self, seq_len=None, capacity=None):
@@ -373,4 +404,5 @@ class MindSkipGPT(GPT):
         weights, attention = self.gated_costs(T)
         key_share = c if self.settings.router_level == "token" else 1.0
         saved = (1 - c) * 6 * weights + (attention - c * key_share * attention)
-        return (GPT.flops_per_token(self, T) - len(self.routed) * saved + 6 * self.config.n_embd * len(self.routed)) / 3
+        routers = 6 * self.config.n_embd * len(self.routed)
+        return (GPT.flops_per_token(self, T) - len(self.routed) * saved + routers) / 3

@@ -95,6 +95,13 @@ def pack_mask(mask):
     return order[:, :m], valid
 
 
+def flat_rows(positions, seq_len):
+    """Positions (B, m) within each row of x (B, T, d) -> (B*m,) rows of x.view(B*T, d): how
+    routed tokens are picked with one index_select, and put back with one index_copy."""
+    offsets = seq_len * torch.arange(positions.size(0), device=positions.device)
+    return (positions + offsets[:, None]).flatten()
+
+
 class AddRows(torch.autograd.Function):
     """x.index_add_(0, index, rows) in place, for index without repeats. torch's own index_add
     keeps `rows` for its backward although the gradient needs only the index: this version keeps
