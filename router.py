@@ -248,7 +248,8 @@ class ModuleRouter(nn.Module):
             self.step_bias[h, m] = math.log(prob / (1 - prob) * (n - 1)) * self.temperature
 
     def matmul_params(self):
-        return sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and name != "step_bias")
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if p.dim() == 2 and name != "step_bias")
 
 
 # --- Mixture-of-Modules: choices in module order -----------------------------------------
