@@ -11,11 +11,13 @@ trainer, the sampler and the benchmark talk to every model only through these:
     from_dense(dense, settings)       classmethod: a variant built from a trained GPT-2
     starts_from_dense                 True if the variant cannot train from scratch
     default_train_samples             0, or N: train by epochs over the first N windows
+    make_blocks(config)               transformer.h: n_layer Blocks (MoM: none, its own trunk)
     forward_trunk(x, cache)           the blocks; returns (hidden state, {aux loss name: value})
     loss_weights                      {aux loss name: coefficient the trainer multiplies it by}
     evaluate(idx, targets)            metrics of one val batch; 'loss' is the val loss
     flops_per_token(seq_len)          training FLOPs per token (the convention below)
     new_cache()                       an empty KV cache for generate; kv_cache_nbytes(cache)
+    generation_forward(idx, cache, seen, use_cache)  one step of generate (its window)
     depth_per_token(idx, prompt_len)  share of the network each token went through
     checkpoint_state_dict()           what a checkpoint keeps (all weights or the trained ones)
     ddp_find_unused_parameters        True if some weights may get no gradient in a step
