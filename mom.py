@@ -269,9 +269,9 @@ class MoMChunk(nn.Module):
     def one_token_per_module_attention(self, x, probs, chosen, cache):
         """x + sum_k p_k A_{m_k}(x): choice k attends with its module's q/k/v over cache.row(k);
         a SKIP writes nothing."""
-        def attend(k, m):
-            return m.attn.c_proj(causal_attention(m.attn.c_attn(m.ln_1(x)), self.config.n_head,
-                                                  cache.row(k)))
+        def attend(k, module):
+            qkv = module.attn.c_attn(module.ln_1(x))
+            return module.attn.c_proj(causal_attention(qkv, self.config.n_head, cache.row(k)))
         return add_all(x, [probs[m] * attend(k, self.attn_pool[m])
                            for k, m in enumerate(chosen) if m < len(self.attn_pool)])
 
