@@ -89,7 +89,8 @@ def pack_mask(mask):
     the packed sequence never lets a real token see it: no attention mask is needed. (Used by
     MoD's causal mode, MindSkip's token gates and MoM.)"""
     counts = mask.sum(dim=1, keepdim=True)  # (B, 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # chosen first, each group in order
+    # chosen first, each group in order
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     m = int(counts.max())
     valid = torch.arange(m, device=mask.device) < counts
     return order[:, :m], valid
