@@ -104,7 +104,8 @@ class AddRows(torch.autograd.Function):
     def forward(ctx, x, index, rows):
         ctx.mark_dirty(x)
         ctx.save_for_backward(index)
-        return x.index_add_(0, index, rows)
+        x.index_add_(0, index, rows)
+        return x  # x itself: torch.compile breaks the graph on a dirty input that is not returned
 
     @staticmethod
     def backward(ctx, grad):
