@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from configurator import import_optional
 from model import GPT, GPTConfig
 
 try:
     from variants import VARIANTS
 except ImportError:  # the registry's older home
     from checkpoint import VARIANTS
-
-ROOT = Path(__file__).resolve().parent
 
 
 def settings_for(name, n_layer, kernels="torch"):
@@ -189,20 +188,12 @@ def graph_breaks(args, save):
 
 
 def import_transformers():
-    """transformers' (GPT2Config, GPT2LMHeadModel). Recent transformers import a PyPI package
-    named `kernels`, which this repository's kernels.py would shadow: the import runs with the
-    repository off sys.path and our module set aside, then both are put back."""
-    saved_path, ours = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        return GPT2Config, GPT2LMHeadModel
-    finally:
-        sys.path[:] = saved_path
-        sys.modules.pop("kernels", None)
-        if ours is not None:
-            sys.modules["kernels"] = ours
+    """transformers' (GPT2Config, GPT2LMHeadModel), imported beside this repository's kernels.py
+    (which would shadow the PyPI package `kernels` that recent transformers import)."""
+    classes, why_not = import_optional("transformers", "GPT2Config", "GPT2LMHeadModel")
+    if classes is None:
+        raise ImportError(why_not)
+    return classes
 
 
 def transformers_generate(dims, device):
