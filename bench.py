@@ -53,8 +53,7 @@ class BenchConfig:
     decode_batch: int = 1  # with --decode: sequences generated at once
     decode_repeats: int = 3  # timed generations per model; the fastest counts
     seed: int = 0  # the models' initialisation and the random tokens
-    # variants with a `kernels` setting (mod): their kernel block and step, Triton vs PyTorch
-    compare_kernels: bool = False
+    compare_kernels: bool = False  # variants with a `kernels` setting: Triton vs PyTorch
     checkpoints: str = ""  # comma-separated checkpoint dirs/files: measure these trained models
     prefill: bool = False  # with --checkpoints: val loss and forward time over the whole val set
     prompt_len: int = 16  # with --checkpoints --decode: prompt tokens from the start of val.bin

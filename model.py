@@ -10,8 +10,9 @@ and the benchmark talk to every model only through these.
 
 forward returns (logits, loss, aux). Block exposes its attention and MLP updates separately
 (`attn_update`, `mlp_update`) so that a variant reuses them instead of copying attention.
-(Mixture-of-Modules is the one exception: its tokens take query, key and value from different
-modules, so it projects them itself and calls the same scaled_dot_product_attention.)
+Mixture-of-Modules projects query, key and value itself (its tokens take them from different
+modules) and calls the same `causal_attention`. Generation is one loop, `GPT.generate`; a
+variant changes what one step runs through `generation_forward`.
 """
 
 import math
@@ -64,6 +65,48 @@ class KVCache:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
+class RowKVCache:
+    """One KVCache per batch row, for a layer whose rows keep different tokens (routing)."""
+
+    def __init__(self):
+        self.rows = {}  # row -> KVCache, made when the row first writes
+
+    def row(self, r):
+        return self.rows.setdefault(r, KVCache())
+
+    def nbytes(self):
+        return sum(cache.nbytes() for cache in self.rows.values())
+
+
+def split_heads(t, n_head):
+    """(N, T, C) -> (N, n_head, T, C // n_head)."""
+    N, T, C = t.shape
+    return t.view(N, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(t):
+    """(N, n_head, T, head_size) -> (N, T, C)."""
+    N, n_head, T, hs = t.shape
+    return t.transpose(1, 2).contiguous().view(N, T, n_head * hs)
+
+
+def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(head_size), causal) v for qkv (N, T, 3C) -> (N, T, C). With a
+    cache, the T tokens are the newest: they attend to every cached key and causally to
+    each other, and their keys and values are appended."""
+    T = qkv.size(1)
+    q, k, v = (split_heads(t, n_head) for t in qkv.chunk(3, dim=2))
+    past = 0 if cache is None else len(cache)
+    if cache is not None:
+        k, v = cache.append(k, v)
+    mask = None  # no cache: is_causal; one new token may see every key: no mask at all
+    if past and T > 1:  # several new tokens after a cached prefix: causal within the new ones
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(diagonal=past)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                       dropout_p=dropout_p)
+    return merge_heads(y)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -75,26 +118,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cache=None):
-        """x: (B, T, C). With a cache, x holds the newest T tokens and attends to all cached ones."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
-        if cache is not None:
-            past = len(cache)
-            k, v = cache.append(k, v)
-        if past == 0:
-            mask, is_causal = None, True
-        elif T == 1:
-            mask, is_causal = None, False  # one new token may see everything before it
-        else:  # several new tokens after a cached prefix: causal within the new ones
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        """x: (B, T, C). With a cache, x holds the newest T tokens and attends to all cached."""
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(self.c_attn(x), self.n_head, cache, dropout_p)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -142,6 +168,26 @@ def attention_flops(n_embd, n_keys):
     return 12 * n_embd * n_keys
 
 
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token id per row from the last position's logits (B, 1, V): greedy at temperature 0,
+    else a draw from softmax(logits / temperature) over the top_k most likely."""
+    logits = logits[:, -1, :] / max(temperature, 1e-8)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+def copy_weights(pairs):
+    """Every from_dense's one idiom: load each (target, source) module pair's weights, which
+    have the same layout (a dense block into a routed one's block, a layer into a pool)."""
+    with torch.no_grad():
+        for target, source in pairs:
+            target.load_state_dict(source.state_dict())
+
+
 class GPT(nn.Module):
     starts_from_dense = False  # plain GPT-2 trains from scratch
     ddp_find_unused_parameters = False  # every weight gets a gradient in every step
@@ -155,7 +201,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=self.make_blocks(config),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -164,6 +210,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def make_blocks(self, config):
+        """transformer.h: n_layer Blocks (a variant whose trunk is no stack of blocks: none)."""
+        return nn.ModuleList([Block(config) for _ in range(config.n_layer)])
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -183,6 +233,9 @@ class GPT(nn.Module):
         """{training flag: value} this variant changes from train.py's defaults, given the run's
         TrainConfig (e.g. its batch size); a flag the user gives still wins. GPT-2: none."""
         return {}
+    def embeddings_and_head(self):
+        """The modules every variant shares with GPT-2 around its trunk (for from_dense)."""
+        return [self.transformer.wte, self.transformer.wpe, self.transformer.ln_f, self.lm_head]
 
     def checkpoint_state_dict(self):
         """The tensors a checkpoint keeps: all of them here."""
@@ -213,14 +266,16 @@ class GPT(nn.Module):
         device = idx.device
         b, t = idx.size()
         if pos_offset + t > self.config.block_size:
-            raise ValueError(f"sequence of length {pos_offset + t} exceeds block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {pos_offset + t} exceeds block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(pos_offset, pos_offset + t, dtype=torch.long, device=device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         x, aux = self.forward_trunk(x, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])
             loss = None
@@ -281,33 +336,15 @@ class GPT(nn.Module):
     # --- generation ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cache=None):
-        """Sample max_new_tokens after idx (B, T). With the cache, the prompt is run once and
-        each new token costs one position; without it, the whole window is recomputed.
-        Pass an empty `cache` (from new_cache) to inspect it afterwards; if the text outgrows
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
+                 cache=None):
+        """Sample max_new_tokens after idx (B, T), one generation_forward per token. Pass an
+        empty `cache` (from new_cache) to inspect it afterwards; once the text outgrows
         block_size, generation restarts on a fresh cache that holds the last window."""
         seen = 0  # tokens the cache holds
         for _ in range(max_new_tokens):
-            if use_cache and seen >= self.config.block_size:
-                cache, seen = None, 0  # the window slid past the context: start a fresh cache
-            if use_cache and seen > 0:
-                logits, _, _ = self(idx[:, -1:], cache=cache, pos_offset=seen)
-                seen += 1
-            else:  # no cache, or the prompt: run the last block_size tokens in full
-                if use_cache and cache is None:
-                    cache = self.new_cache()
-                idx_cond = idx[:, -self.config.block_size:]
-                logits, _, _ = self(idx_cond, cache=cache if use_cache else None)
-                seen = idx_cond.size(1) if use_cache else 0
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            logits, cache, seen = self.generation_forward(idx, cache, seen, use_cache)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
 
     # --- what bench.py measures ---------------------------------------------------------
@@ -325,22 +362,39 @@ class GPT(nn.Module):
         """(module, run(x) -> output) whose kernels the settings' `kernels` flag switches, for
         bench.py --compare_kernels; None: no such kernels."""
         return None
+    def generation_forward(self, idx, cache, seen, use_cache=True):
+        """The forward that predicts the token after idx: (last logits, cache, tokens it holds).
+        With the cache, the prompt (or, once the window slides past block_size, the last
+        window) runs once on a fresh cache and each new token costs one position; without it,
+        the last block_size tokens are recomputed. A variant with per-prompt state (decisions
+        made on the prompt) overrides this: it is the one place generation's window lives."""
+        window = idx[:, -self.config.block_size:]
+        if not use_cache:
+            return self(window)[0], None, 0
+        if 0 < seen < self.config.block_size:
+            return self(idx[:, -1:], cache=cache, pos_offset=seen)[0], cache, seen + 1
+        if cache is None or seen > 0:  # the first step without a cache, or the window slid
+            cache = self.new_cache()
+        return self(window, cache=cache)[0], cache, window.size(1)
 
     # --- what generation used (sample.py --show_depth) -----------------------------------
 
     def kv_cache_nbytes(self, cache):
         """Bytes of keys and values a cache holds (a subclass's cache may count its own)."""
-        return cache.nbytes() if hasattr(cache, "nbytes") else sum(layer.nbytes() for layer in cache)
+        if hasattr(cache, "nbytes"):
+            return cache.nbytes()
+        return sum(layer.nbytes() for layer in cache)
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the network's sublayers each token went through: all of them here."""
+        """(B, T) share of the network's sublayers each token went through: all of them here."""
         return torch.ones(idx.shape, dtype=torch.float32)
 
     def context_windows(self, idx):
-        """idx (B, T) cut into consecutive block_size windows: how a depth view reads text longer
-        than the context, one forward per window."""
-        return [idx[:, start:start + self.config.block_size] for start in range(0, idx.size(1), self.config.block_size)]
+        """idx (B, T) cut into consecutive block_size windows: how a depth view reads text
+        longer than the context, one forward per window."""
+        size = self.config.block_size
+        return [idx[:, start:start + size] for start in range(0, idx.size(1), size)]
 
     # --- pretrained GPT-2 ----------------------------------------------------------------
 
@@ -354,14 +408,17 @@ class GPT(nn.Module):
         config, state_dict = read_gpt2(name_or_path, cache_dir, base_url)
         model = cls(GPTConfig(**{**config, "dropout": dropout}))
         sd = model.state_dict()
-        missing = [k for k in sd if k not in state_dict and k != "lm_head.weight"]  # the head is tied to wte
+        # the head is tied to wte
+        missing = [k for k in sd if k not in state_dict and k != "lm_head.weight"]
         unexpected = [k for k in state_dict if k not in sd]
         if missing or unexpected:
-            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint ({len(missing)} tensors missing, "
-                             f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]})")
+            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint ({len(missing)} tensors "
+                             f"missing, {len(unexpected)} unexpected, "
+                             f"e.g. {(missing + unexpected)[0]})")
         with torch.no_grad():
             for k, v in state_dict.items():
                 if v.shape != sd[k].shape:
-                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, the model wants {tuple(sd[k].shape)}")
+                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, "
+                                     f"the model wants {tuple(sd[k].shape)}")
                 sd[k].copy_(v)
         return model

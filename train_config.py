@@ -29,14 +29,12 @@ class TrainConfig:
     eval_iters: int = 20  # batches per split at each evaluation
     eval_only: bool = False  # evaluate once, print, write nothing
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
-    # scratch | resume | gpt2 | gpt2-medium | ... | a checkpoint | GPT-2 safetensors
-    init_from: str = "scratch"
+    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | ... | a checkpoint file
     # data
     dataset: str = "shakespeare_char"  # a folder of data/ holding train.bin and val.bin
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
     batch_size: int = 12  # sequences per micro-batch, per process
-    # context length; 0: 64 for a new model, a trained model's own when starting from one
-    block_size: int = 0
+    block_size: int = 0  # context length; 0: 64 for a new model, else the loaded model's own
     train_samples: int = 0  # 0: random windows from all of train.bin; N: epochs over N windows
     # model (ignored when init_from loads one)
     n_layer: int = 4  # transformer blocks
@@ -57,8 +55,7 @@ class TrainConfig:
     min_lr: float = 1e-4  # usually learning_rate / 10
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
-    # auto (bfloat16 where supported, else float32) | float32 | bfloat16 | float16
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto (bfloat16 where supported, else float32) | float32 | bfloat16 | ...
     compile: str = "auto"  # torch.compile the model: auto (on CUDA only) | true | false
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     seed: int = 1337  # initialisation, data order and dropout

@@ -20,6 +20,7 @@ from mom import MoMConfig, MoMGPT
 CONTRACT = {  # member: what it returns or means (the default on GPT: GPT-2's behaviour)
     "__init__": "(config, settings=None); settings: the variant's dataclass of flags",
     "from_dense": "classmethod (dense, settings): the variant built from a trained GPT-2",
+    "make_blocks": "(config): transformer.h, the blocks __init__ builds (MoM: none)",
     "starts_from_dense": "True if it cannot train from scratch (train.py needs --init_from)",
     "train_defaults": "classmethod (cfg): {training flag: default} it changes; flags win",
     "forward_trunk": "(x, cache): (hidden state, {aux loss name: unweighted value})",
@@ -30,6 +31,7 @@ CONTRACT = {  # member: what it returns or means (the default on GPT: GPT-2's be
     "flops_per_token": "(seq_len): training FLOPs per token (DESIGN.md convention)",
     "step_flops_per_token": "(seq_len): the same for the routing its last forward took",
     "generate": "(idx, max_new_tokens, temperature, top_k, use_cache, cache): tokens",
+    "generation_forward": "(idx, cache, seen, use_cache): one step of generate's window",
     "new_cache": "(): an empty KV cache for generate",
     "kv_cache_nbytes": "(cache): bytes of keys and values it holds",
     "depth_per_token": "(idx, prompt_len): share of the network each token went through",
