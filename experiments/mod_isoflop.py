@@ -17,9 +17,13 @@ MOD = {"variant": "mod", "capacity": 0.125, "route_every": 2}
 PRESETS = {
     "smoke": {"dataset": "shakespeare_char", "budgets": [2e8], "sizes": [(2, 2, 16), (2, 2, 32)],
               "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000, device="cpu")},
-    # tiny char-level models; about 16 runs (2 budgets x 4 sizes x 2 variants), see README for the time
-    "cpu": {"dataset": "shakespeare_char", "budgets": [5e11, 1.5e12], "sizes": [(2, 2, 64), (4, 3, 96), (6, 4, 128), (8, 5, 160)],
-            "train": dict(block_size=64, batch_size=12, eval_iters=10, log_interval=1000, device="cpu", compile=False)},
+    # tiny char-level models, 1 x 32 to 4 x 128 wide: from a size below each budget's optimum to
+    # one above it, so every baseline curve has its minimum inside the sweep; MoD from 2 layers
+    # (with route_every 2 a 1-layer model routes nothing). 33 runs, one thread each (README: time)
+    "cpu": {"dataset": "shakespeare_char", "budgets": [3e11, 1e12, 3e12],
+            "sizes": [(1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64), (3, 3, 96), (4, 4, 128)],
+            "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000, device="cpu",
+                          compile=False)},
     # GPT-2 dims on OpenWebText (1024 tokens, 480 sequences per step)
     "gpu": {"dataset": "openwebtext", "budgets": [6e18, 2e19],
             "sizes": [(6, 6, 384), (8, 8, 512), (12, 12, 768), (16, 16, 1024), (24, 16, 1024)],
@@ -35,6 +39,8 @@ def plan(preset, dataset):
     for budget in preset["budgets"]:
         for n_layer, n_head, n_embd in preset["sizes"]:
             for variant, extra in (("baseline", {"variant": "baseline"}), ("mod", MOD)):
+                if variant == "mod" and n_layer < MOD["route_every"]:
+                    continue  # no block would be routed
                 flags = {**base, **extra, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
                 _, fpt = kit.model_stats(flags)
                 flags = kit.schedule(flags, kit.steps_for_budget(budget, fpt, flags))
