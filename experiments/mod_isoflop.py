@@ -15,16 +15,16 @@ import kit
 NAME = "mod_isoflop"
 MOD = {"variant": "mod", "capacity": 0.125, "route_every": 2}
 # (layers, heads, width), depth and width grown together; head size 32 from 64 wide up
-CPU_SIZES = [(1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64), (3, 3, 96), (4, 4, 128)]
+CPU_SIZES = [(1, 1, 16), (1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64), (3, 3, 96)]
 PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     "smoke": {"dataset": "shakespeare_char", "budgets": {2e8: [(2, 2, 16), (2, 2, 32)]},
               "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000, device="cpu")},
-    # tiny char-level models, 1 x 32 to 4 x 128 wide, with a size below each budget's optimum and
-    # one above it. The largest budget skips the smallest sizes: far left of its valley, and the
-    # dearest runs (thousands of steps whose time is mostly per-op overhead). MoD from 2 layers
-    # (with route_every 2 a 1-layer model routes nothing). 29 runs, one thread each (README: time)
+    # tiny char-level models, 1 x 16 to 3 x 96 wide: around each budget's optimum, a size below it
+    # and one above, not more (the small ones are the dear ones: many thousand steps whose time is
+    # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
+    # nothing). 27 runs, one thread each (README: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {3e11: CPU_SIZES, 1e12: CPU_SIZES[1:], 3e12: CPU_SIZES[2:]},
+            "budgets": {3e11: CPU_SIZES[:5], 1e12: CPU_SIZES, 2e12: CPU_SIZES[1:]},
             "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000, device="cpu",
                           compile=False)},
     # GPT-2 dims on OpenWebText (1024 tokens, 480 sequences per step)
