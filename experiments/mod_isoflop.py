@@ -24,7 +24,7 @@ PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
     # nothing). 27 runs, one thread each (README: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {3e11: CPU_SIZES[:5], 1e12: CPU_SIZES, 2e12: CPU_SIZES[1:]},
+            "budgets": {3e11: CPU_SIZES[:5], 6e11: CPU_SIZES, 1.2e12: CPU_SIZES[1:]},
             "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000, device="cpu",
                           compile=False)},
     # GPT-2 dims on OpenWebText (1024 tokens, 480 sequences per step)
