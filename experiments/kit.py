@@ -31,7 +31,9 @@ ASSUMED_MFU = 0.4  # a fair share of that peak for GPT-2 small with torch.compil
 
 def parse_args(description, presets, argv=None):
     """The flags every experiment script takes."""
+    from configurator import fail
     p = argparse.ArgumentParser(description=description)
+    p.error = fail  # a wrong flag: one line naming it, exit code 2 (not the usage block first)
     p.add_argument("--preset", choices=sorted(presets), default="cpu")
     p.add_argument("--dataset", default=None, help="override the preset's dataset (a data/ name or a folder)")
     p.add_argument("--runs_dir", default=None, help="parent of the runs' out_dirs (default out-experiments/<name>)")

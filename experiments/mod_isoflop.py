@@ -1,93 +1,203 @@
 """
 isoFLOP curves, the Mixture-of-Depths paper's main figure: at a fixed training-FLOP budget,
 train the baseline and MoD (capacity 0.125, every other block routed) at several sizes (depth,
-heads and width grown together), each for budget / (FLOPs per token x tokens per step) steps on the
-same data order (same seed). Left: val loss against non-embedding parameters per variant and
-budget, minimum marked (MoD: causal mode solid, top-k dotted). Right: val loss against training
-seconds for the best baseline and the best MoD of the largest budget.
+heads and width grown together), each for budget / (FLOPs per token x tokens per step) steps on
+the same data order (same seed).
+
+The headline, per budget and per MoD evaluation (causal, top-k): the isoFLOP-optimal baseline
+(lowest val loss), the best MoD, and the MoD model that matches the optimal baseline's loss
+(the cheapest per step among those at or below it), with its FLOPs per step and its training
+step time as ratios to the baseline's: the two steps timed side by side in one process,
+interleaved rounds (bench.py's), one thread on a CPU, median and spread printed.
+
+Figure, left to right: val loss and train loss against non-embedding parameters (star: each
+curve's minimum; MoD causal solid, top-k dotted); val loss against training time for the
+optimal baseline and the MoD that matches it, time = steps x the side-by-side step time.
 
     python experiments/mod_isoflop.py                 # --preset cpu
     python experiments/mod_isoflop.py --preset smoke  # seconds, for the tests
 """
 
 import kit
+from configurator import fail
 
 NAME = "mod_isoflop"
 MOD = {"variant": "mod", "capacity": 0.125, "route_every": 2}
-# (layers, heads, width), depth and width grown together; head size 32 from 64 wide up
+# (layers, heads, width): depth, heads and width grown together
 CPU_SIZES = [(1, 1, 16), (1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64), (3, 3, 96)]
 PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
+    # timing: (rounds, steps per round) of the side-by-side step times
     "smoke": {"dataset": "shakespeare_char", "budgets": {2e8: [(2, 2, 16), (2, 2, 32)]},
-              "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000, device="cpu")},
+              "timing": (1, 1),
+              "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000,
+                            device="cpu")},
     # tiny char-level models, 1 x 16 to 3 x 96 wide: around each budget's optimum, a size below it
     # and one above, not more (the small ones are the dear ones: many thousand steps whose time is
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
-    # nothing). 27 runs, one thread each (README: time)
+    # nothing). 25 runs, one thread each (README: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {3e11: CPU_SIZES[:5], 6e11: CPU_SIZES, 1.2e12: CPU_SIZES[1:]},
-            "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000, device="cpu",
-                          compile=False)},
+            "budgets": {3e11: CPU_SIZES[:5], 6e11: CPU_SIZES[:5], 1.2e12: CPU_SIZES[1:]},
+            "timing": (9, 10),
+            "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000,
+                          device="cpu", compile=False)},
     # GPT-2 dims on OpenWebText (1024 tokens, 480 sequences per step)
-    "gpu": {"dataset": "openwebtext",
-            "budgets": dict.fromkeys([6e18, 2e19], [(6, 6, 384), (8, 8, 512), (12, 12, 768), (16, 16, 1024),
-                                                    (24, 16, 1024)]),
-            "train": dict(block_size=1024, batch_size=12, gradient_accumulation_steps=40, eval_iters=100,
-                          log_interval=100, learning_rate=6e-4, min_lr=6e-5, warmup_iters=700,
-                          dtype="bfloat16")},
+    "gpu": {"dataset": "openwebtext", "timing": (5, 3),
+            "budgets": dict.fromkeys([6e18, 2e19], [(6, 6, 384), (8, 8, 512), (12, 12, 768),
+                                                    (16, 16, 1024), (24, 16, 1024)]),
+            "train": dict(block_size=1024, batch_size=12, gradient_accumulation_steps=40,
+                          eval_iters=100, log_interval=100, learning_rate=6e-4, min_lr=6e-5,
+                          warmup_iters=700, dtype="bfloat16")},
 }
 
 
 def plan(preset, dataset):
     runs = []
     base = kit.common_flags(preset, dataset)
-    for budget, sizes in preset["budgets"].items():
-        for n_layer, n_head, n_embd in sizes:
-            for variant, extra in (("baseline", {"variant": "baseline"}), ("mod", MOD)):
+    for budget, sizes in preset["budgets"].items():  # each budget's baselines first: its valley
+        for variant, extra in (("baseline", {"variant": "baseline"}), ("mod", MOD)):
+            for n_layer, n_head, n_embd in sizes:
                 if variant == "mod" and n_layer < MOD["route_every"]:
                     continue  # no block would be routed
                 flags = {**base, **extra, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}
                 _, fpt = kit.model_stats(flags)
+                if budget < fpt * kit.tokens_per_step(flags):
+                    fail(f"budget {budget:g} FLOPs is less than one training step of {variant} "
+                         f"L{n_layer}-d{n_embd} ({fpt * kit.tokens_per_step(flags):.3g} FLOPs): "
+                         f"raise the preset's budget or drop that size")
                 flags = kit.schedule(flags, kit.steps_for_budget(budget, fpt, flags))
-                runs.append((f"{budget:g}-{variant}-L{n_layer}-d{n_embd}", {**flags, "_budget": budget}))
+                name = f"{budget:g}-{variant}-L{n_layer}-d{n_embd}"
+                runs.append((name, {**flags, "_budget": budget}))
     return runs
 
 
-def draw(rows, runs_by_name, path):
+def summarize(name, flags, out_dir, budget):
+    """kit's row (val metrics of the last evaluation) with the train losses beside them."""
+    row = {"budget": budget, **kit.summarize(name, flags, out_dir)}
+    train = kit.read_log(out_dir)[-1]["train"]
+    row.update({f"train_{k}": train[k] for k in ("loss", "loss_topk") if k in train})
+    return row
+
+
+def size(row):
+    return f"L{row['n_layer']}-d{row['n_embd']}"
+
+
+def best(rows, variant, key):
+    mine = [r for r in rows if r["variant"] == variant and kit.isfinite(r.get(key))]
+    return min(mine, key=lambda r: r[key]) if mine else None
+
+
+def matching_mod(rows, loss):
+    """The cheapest MoD per step whose loss (causal, or top-k) is at most `loss`, by evaluation."""
+    found = {}
+    for key in ("val_loss", "val_loss_topk"):
+        good = [r for r in rows if r["variant"] == "mod" and r[key] <= loss]
+        found[key] = min(good, key=lambda r: r["flops_per_token"]) if good else None
+    return found
+
+
+def time_steps(flags_by_name, rounds, steps):
+    """{name: (median ms, spread)} of a training step of each model, timed side by side: bench.py's
+    step (forward, backward, train.py's AdamW), rounds interleaved, one thread on a CPU."""
+    import torch
+    import bench
+    import train
+    threads = torch.get_num_threads()
+    models = {}
+    for name, flags in flags_by_name.items():
+        cfg, settings, _ = train.parse_args(kit.flag_list(flags))
+        models[name] = train.build_model(cfg, settings)
+    flags = next(iter(flags_by_name.values()))
+    device = "cpu" if flags.get("device") == "cpu" else bench.pick_device("auto")
+    if device == "cpu":
+        torch.set_num_threads(1)  # as the runs (kit.run_all)
+    cfg = bench.BenchConfig(batch_size=flags["batch_size"], block_size=flags["block_size"],
+                            steps=steps, repeats=rounds, vocab_size=models[name].config.vocab_size)
+    autocast = torch.autocast(device.split(":")[0], enabled=False)
+    runs = {}
+    for name, model in models.items():
+        step = bench.training_step(model.to(device), cfg, device, autocast)[0]
+        step()  # warm up
+        runs[name] = lambda step=step: bench.median_seconds(step, steps, device)
+    result = {name: bench.median_and_spread(r) for name, r in bench.interleaved(runs, cfg).items()}
+    torch.set_num_threads(threads)
+    return {name: (1000 * sec, spread) for name, (sec, spread) in result.items()}
+
+
+def headline(rows, flags_by_name, preset):
+    """One row per budget and MoD evaluation: optimal baseline, best MoD, the MoD that matches."""
+    out = []
+    for budget in sorted({r["budget"] for r in rows}):
+        mine = [r for r in rows if r["budget"] == budget]
+        base = best(mine, "baseline", "val_loss")
+        matches = matching_mod(mine, base["val_loss"])
+        timed = {r["run"] for r in matches.values() if r} | {base["run"]}
+        ms = time_steps({n: flags_by_name[n] for n in sorted(timed)}, *preset["timing"])
+        for key, mode in (("val_loss", "causal"), ("val_loss_topk", "top-k")):
+            top, match = best(mine, "mod", key), matches[key]
+            row = {"budget": budget, "mod_eval": mode, "baseline": size(base),
+                   "baseline_params": base["params"], "baseline_loss": base["val_loss"],
+                   "baseline_ms": ms[base["run"]][0], "baseline_spread": ms[base["run"]][1],
+                   "best_mod": size(top), "best_mod_loss": top[key],
+                   "capacity": top["capacity"], "route_every": top["route_every"]}
+            if match:
+                row.update(matching_mod=size(match), matching_mod_loss=match[key],
+                           flops_ratio=match["flops_per_token"] / base["flops_per_token"],
+                           matching_mod_ms=ms[match["run"]][0],
+                           matching_mod_spread=ms[match["run"]][1],
+                           step_time_ratio=ms[match["run"]][0] / ms[base["run"]][0])
+            out.append(row)
+    return out
+
+
+def draw_isoflop(ax, rows, kind, colors):
+    """Loss (val or train) against non-embedding parameters, one color per budget."""
+    for j, budget in enumerate(sorted({r["budget"] for r in rows})):
+        for variant, key, style in (("baseline", f"{kind}_loss", "s-"),
+                                    ("mod", f"{kind}_loss", "o--"),
+                                    ("mod", f"{kind}_loss_topk", "o:")):
+            pts = sorted((r["params"], r[key]) for r in rows
+                         if r["budget"] == budget and r["variant"] == variant and key in r)
+            if not pts:
+                continue
+            mode = " top-k" if key.endswith("topk") else (" causal" if variant == "mod" else "")
+            ax.plot(*zip(*pts), style, color=colors[j], label=f"{variant}{mode}, {budget:g}",
+                    alpha=0.45 if ":" in style else 1.0, markersize=4)
+            ax.plot(*min(pts, key=lambda p: p[1]), "*", color=colors[j], markersize=13,
+                    markeredgecolor="black", markeredgewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel(f"{kind} loss")
+    ax.set_title(f"{kind} loss at equal training FLOPs (star: minimum)", fontsize=10)
+
+
+def draw_wall_clock(ax, heads, runs_by_name, rows, colors):
+    """Val loss against training time: optimal baseline (solid) and its matching MoD (dashed)."""
+    by_size = {(r["budget"], r["variant"], size(r)): r for r in rows}
+    for j, head in enumerate(h for h in heads if h["mod_eval"] == "causal"):
+        pairs = [("baseline", head["baseline"], head["baseline_ms"], "s-")]
+        if "matching_mod" in head:
+            pairs.append(("mod", head["matching_mod"], head["matching_mod_ms"], "o--"))
+        for variant, name, ms, style in pairs:
+            log = kit.read_log(runs_by_name[by_size[(head["budget"], variant, name)]["run"]])
+            ax.plot([e["iter"] * ms / 1000 for e in log], [e["val"]["loss"] for e in log], style,
+                    color=colors[j], markersize=4, label=f"{variant} {name}, {head['budget']:g}")
+    ax.set_xlabel("training seconds (steps x side-by-side step time)")
+    ax.set_ylabel("val loss (MoD: causal)")
+    ax.set_title("optimal baseline vs the MoD that matches it", fontsize=10)
+
+
+def draw(rows, heads, runs_by_name, path):
     plt = kit.pyplot()
     if plt is None:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    budgets = sorted({r["budget"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, budget in enumerate(budgets):
-        for variant, key, style in (("baseline", "val_loss", "s-"), ("mod", "val_loss", "o-"),
-                                    ("mod", "val_loss_topk", "o:")):
-            pts = sorted((r["params"], r[key]) for r in rows if r["budget"] == budget and r["variant"] == variant)
-            if not pts:
-                continue
-            label = f"{variant}{' top-k' if key.endswith('topk') else (' causal' if variant == 'mod' else '')}, {budget:g} FLOPs"
-            color = colors[(2 * j + (variant == "mod")) % len(colors)]
-            left.plot(*zip(*pts), style, color=color, label=label, alpha=0.6 if ":" in style else 1.0)
-            best = min(pts, key=lambda p: p[1])
-            left.plot(*best, "*", color=color, markersize=14)
-    left.set_xscale("log")
-    left.set_xlabel("non-embedding parameters")
-    left.set_ylabel("val loss")
-    left.set_title("isoFLOP curves (star: minimum)")
-    left.legend(fontsize=7)
-    largest = [r for r in rows if r["budget"] == budgets[-1]]
-    for variant in ("baseline", "mod"):
-        mine = [r for r in largest if r["variant"] == variant]
-        if not mine:
-            continue
-        best = min(mine, key=lambda r: r["val_loss"])
-        log = kit.read_log(runs_by_name[best["run"]])
-        right.plot([e["train_seconds"] for e in log], [e["val"]["loss"] for e in log], "o-",
-                   label=f"best {variant}: L{best['n_layer']} d{best['n_embd']}")
-    right.set_xlabel("training seconds (evaluation excluded)")
-    right.set_ylabel("val loss (MoD: causal)")
-    right.set_title(f"wall clock, budget {budgets[-1]:g} FLOPs")
-    right.legend(fontsize=8)
+    draw_isoflop(axes[0], rows, "val", colors)
+    draw_isoflop(axes[1], rows, "train", colors)
+    draw_wall_clock(axes[2], heads, runs_by_name, rows, colors)
+    axes[0].legend(fontsize=6, ncol=2)
+    axes[2].legend(fontsize=7)
     kit.save_figure(fig, path)
 
 
@@ -99,12 +209,18 @@ def main(argv=None):
     if args.preset == "gpu":
         kit.confirm_gpu(train_runs, args.yes)
     out_dirs = kit.run_all(train_runs, kit.runs_dir(args, NAME))
-    rows = [{"budget": f["_budget"], **kit.summarize(name, flags, out_dirs[name])}
+    rows = [summarize(name, flags, out_dirs[name], f["_budget"])
             for (name, f), (_, flags) in zip(runs, train_runs)]
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["budget", "variant", "n_layer", "n_embd", "params", "steps", "ms_per_step",
-                           "val_loss", "val_loss_topk"])
-    draw(rows, out_dirs, f"{args.assets_dir}/{NAME}.png")
+    kit.print_table(rows, ["budget", "variant", "n_layer", "n_embd", "params", "steps",
+                           "ms_per_step", "train_loss", "val_loss", "val_loss_topk"])
+    heads = headline(rows, dict(train_runs), preset)
+    kit.write_csv(heads, f"{args.results_dir}/{NAME}_headline.csv")
+    kit.print_table(heads, ["budget", "mod_eval", "baseline", "baseline_loss", "best_mod",
+                            "best_mod_loss", "matching_mod", "matching_mod_loss", "flops_ratio",
+                            "baseline_ms", "matching_mod_ms", "step_time_ratio",
+                            "baseline_spread", "matching_mod_spread"])
+    draw(rows, heads, out_dirs, f"{args.assets_dir}/{NAME}.png")
 
 
 if __name__ == "__main__":
