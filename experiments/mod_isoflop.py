@@ -24,19 +24,19 @@ from configurator import fail
 NAME = "mod_isoflop"
 MOD = {"variant": "mod", "capacity": 0.125, "route_every": 2}
 # (layers, heads, width): depth, heads and width grown together
-CPU_SIZES = [(1, 1, 16), (1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64), (3, 3, 96)]
+CPU_SIZES = [(1, 1, 8), (1, 1, 16), (1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64)]
 PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # timing: (rounds, steps per round) of the side-by-side step times
     "smoke": {"dataset": "shakespeare_char", "budgets": {2e8: [(2, 2, 16), (2, 2, 32)]},
               "timing": (1, 1),
               "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000,
                             device="cpu")},
-    # tiny char-level models, 1 x 16 to 3 x 96 wide: around each budget's optimum, a size below it
+    # tiny char-level models, 1 x 8 to 2 x 64 wide: around each budget's optimum, a size below it
     # and one above, not more (the small ones are the dear ones: many thousand steps whose time is
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
-    # nothing). 25 runs, one thread each (README: time)
+    # nothing). 23 runs, one thread each (README: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {3e11: CPU_SIZES[:5], 6e11: CPU_SIZES[:5], 1.2e12: CPU_SIZES[1:]},
+            "budgets": {1.5e11: CPU_SIZES[:5], 3e11: CPU_SIZES[1:], 6e11: CPU_SIZES[1:]},
             "timing": (9, 10),
             "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000,
                           device="cpu", compile=False)},
