@@ -117,35 +117,41 @@ def time_steps(flags_by_name, rounds, steps):
     runs = {}
     for name, model in models.items():
         step = bench.training_step(model.to(device), cfg, device, autocast)[0]
-        step()  # warm up
+        step(), step()  # warm up
         runs[name] = lambda step=step: bench.median_seconds(step, steps, device)
     result = {name: bench.median_and_spread(r) for name, r in bench.interleaved(runs, cfg).items()}
     torch.set_num_threads(threads)
     return {name: (1000 * sec, spread) for name, (sec, spread) in result.items()}
 
 
+def against(prefix, mod, key, base, ms):
+    """A MoD row's size and loss; its FLOPs and time per step as ratios to the baseline's."""
+    return {prefix: size(mod), f"{prefix}_loss": mod[key],
+            f"{prefix}_flops_ratio": mod["flops_per_token"] / base["flops_per_token"],
+            f"{prefix}_ms": ms[mod["run"]][0], f"{prefix}_spread": ms[mod["run"]][1],
+            f"{prefix}_step_time_ratio": ms[mod["run"]][0] / ms[base["run"]][0]}
+
+
 def headline(rows, flags_by_name, preset):
-    """One row per budget and MoD evaluation: optimal baseline, best MoD, the MoD that matches."""
+    """One row per budget and MoD evaluation: the optimal baseline, the best MoD, and the MoD
+    that matches the baseline (absent where none does), all timed side by side per budget."""
     out = []
     for budget in sorted({r["budget"] for r in rows}):
         mine = [r for r in rows if r["budget"] == budget]
         base = best(mine, "baseline", "val_loss")
-        matches = matching_mod(mine, base["val_loss"])
-        timed = {r["run"] for r in matches.values() if r} | {base["run"]}
+        keys = {"causal": "val_loss", "top-k": "val_loss_topk"}
+        tops = {mode: best(mine, "mod", key) for mode, key in keys.items()}
+        matches = {mode: matching_mod(mine, base["val_loss"])[key] for mode, key in keys.items()}
+        timed = {r["run"] for r in [base, *tops.values(), *matches.values()] if r}
         ms = time_steps({n: flags_by_name[n] for n in sorted(timed)}, *preset["timing"])
-        for key, mode in (("val_loss", "causal"), ("val_loss_topk", "top-k")):
-            top, match = best(mine, "mod", key), matches[key]
+        for mode, key in keys.items():
             row = {"budget": budget, "mod_eval": mode, "baseline": size(base),
                    "baseline_params": base["params"], "baseline_loss": base["val_loss"],
                    "baseline_ms": ms[base["run"]][0], "baseline_spread": ms[base["run"]][1],
-                   "best_mod": size(top), "best_mod_loss": top[key],
-                   "capacity": top["capacity"], "route_every": top["route_every"]}
-            if match:
-                row.update(matching_mod=size(match), matching_mod_loss=match[key],
-                           flops_ratio=match["flops_per_token"] / base["flops_per_token"],
-                           matching_mod_ms=ms[match["run"]][0],
-                           matching_mod_spread=ms[match["run"]][1],
-                           step_time_ratio=ms[match["run"]][0] / ms[base["run"]][0])
+                   **against("best_mod", tops[mode], key, base, ms),
+                   "capacity": tops[mode]["capacity"], "route_every": tops[mode]["route_every"]}
+            if matches[mode]:
+                row.update(against("matching_mod", matches[mode], key, base, ms))
             out.append(row)
     return out
 
@@ -172,17 +178,20 @@ def draw_isoflop(ax, rows, kind, colors):
 
 
 def draw_wall_clock(ax, heads, runs_by_name, rows, colors):
-    """Val loss against training time: optimal baseline (solid) and its matching MoD (dashed)."""
+    """Val loss against training time: the optimal baseline (solid) and the MoD that matches it
+    (dashed), or where none does, the best MoD (dotted)."""
     by_size = {(r["budget"], r["variant"], size(r)): r for r in rows}
     for j, head in enumerate(h for h in heads if h["mod_eval"] == "causal"):
-        pairs = [("baseline", head["baseline"], head["baseline_ms"], "s-")]
-        if "matching_mod" in head:
-            pairs.append(("mod", head["matching_mod"], head["matching_mod_ms"], "o--"))
-        for variant, name, ms, style in pairs:
+        mod = "matching_mod" if "matching_mod" in head else "best_mod"
+        for variant, name, ms, style, note in (
+                ("baseline", head["baseline"], head["baseline_ms"], "s-", "optimal"),
+                ("mod", head[mod], head[f"{mod}_ms"], "o--" if mod == "matching_mod" else "o:",
+                 "matching" if mod == "matching_mod" else "best, none matches")):
             log = kit.read_log(runs_by_name[by_size[(head["budget"], variant, name)]["run"]])
             ax.plot([e["iter"] * ms / 1000 for e in log], [e["val"]["loss"] for e in log], style,
-                    color=colors[j], markersize=4, label=f"{variant} {name}, {head['budget']:g}")
-    ax.set_xlabel("training seconds (steps x side-by-side step time)")
+                    color=colors[j], markersize=4,
+                    label=f"{head['budget']:g}: {variant} {name} ({note})")
+    ax.set_xlabel("training seconds (steps x side-by-side step time, 1 thread)")
     ax.set_ylabel("val loss (MoD: causal)")
     ax.set_title("optimal baseline vs the MoD that matches it", fontsize=10)
 
@@ -216,10 +225,11 @@ def main(argv=None):
                            "ms_per_step", "train_loss", "val_loss", "val_loss_topk"])
     heads = headline(rows, dict(train_runs), preset)
     kit.write_csv(heads, f"{args.results_dir}/{NAME}_headline.csv")
-    kit.print_table(heads, ["budget", "mod_eval", "baseline", "baseline_loss", "best_mod",
-                            "best_mod_loss", "matching_mod", "matching_mod_loss", "flops_ratio",
-                            "baseline_ms", "matching_mod_ms", "step_time_ratio",
-                            "baseline_spread", "matching_mod_spread"])
+    kit.print_table(heads, ["budget", "mod_eval", "baseline", "baseline_loss", "baseline_ms",
+                            "baseline_spread", "best_mod", "best_mod_loss", "best_mod_flops_ratio",
+                            "best_mod_step_time_ratio", "matching_mod", "matching_mod_loss",
+                            "matching_mod_flops_ratio", "matching_mod_step_time_ratio",
+                            "matching_mod_spread"])
     draw(rows, heads, out_dirs, f"{args.assets_dir}/{NAME}.png")
 
 
