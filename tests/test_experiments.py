@@ -129,3 +129,14 @@ def test_an_unknown_preset_is_refused_in_one_line(capsys):
         mod_isoflop.main(["--preset=nope"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "--preset" in err
+
+
+def test_step_floor_smoke_splits_the_mod_step_and_scores_it_against_its_ceiling(dataset, tmp_path):
+    import mod_step_floor
+    rows, _ = run_smoke(mod_step_floor, dataset, tmp_path)
+    assert [r["size"] for r in rows] == ["L2-d16"]
+    row = {k: float(v) for k, v in rows[0].items() if k != "size"}
+    assert all(row[f"{part}_ms"] > 0 for part in ("baseline", "mod", "unrouted", "routed"))
+    assert row["flop_ceiling"] > 1  # a routed block costs less than a dense one
+    assert row["of_ceiling"] == pytest.approx(row["baseline_ms"] / row["mod_ms"] / row["flop_ceiling"])
+    assert row["needed_ms"] * 0.85 * row["flop_ceiling"] == pytest.approx(row["baseline_ms"])
