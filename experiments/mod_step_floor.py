@@ -114,26 +114,26 @@ def measure(size, preset):
 
 
 def draw(rows, path):
+    """Per size, MoD's step split in its parts, as a fraction of the baseline's step."""
     plt = kit.pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for i, row in enumerate(rows):
-        ax.bar(i - 0.2, row["baseline_ms"], 0.38, color="0.6", label="baseline" if not i else None)
+        base = row["baseline_ms"]
+        ax.bar(i - 0.2, 1.0, 0.38, color="0.6", label="baseline" if not i else None)
         bottom = 0.0
         for (key, part), color in zip(PARTS.items(), ("C0", "C1", "C3")):
-            ax.bar(i + 0.2, row[f"{key}_ms"], 0.38, bottom=bottom, color=color,
+            ax.bar(i + 0.2, row[f"{key}_ms"] / base, 0.38, bottom=bottom, color=color,
                    label=f"MoD: {part}" if not i else None)
-            bottom += row[f"{key}_ms"]
-        ax.plot([i + 0.01, i + 0.39], [row["needed_ms"]] * 2, "k--", lw=1,
-                label="MoD step at 85% of its FLOP ceiling" if not i else None)
+            bottom += row[f"{key}_ms"] / base
+        ax.plot([i + 0.01, i + 0.39], [row["needed_ms"] / base] * 2, "k--", lw=1.2,
+                label="MoD at 85% of its FLOP ceiling" if not i else None)
         ax.text(i + 0.2, bottom, f"{row['of_ceiling']:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)), [row["size"] for row in rows])
-    ax.set_yscale("log")
-    ax.set_ylabel("CPU ms per training step (1 thread)")
-    ax.set_title("MoD's training step against the baseline's (label: % of the FLOP ceiling)",
-                 fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("training step / the baseline's (CPU time)")
+    ax.set_title("MoD's training step, split (label: % of its FLOP ceiling)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
     kit.save_figure(fig, path)
 
 
