@@ -7,8 +7,9 @@ the same data order (same seed).
 The headline, per budget and per MoD evaluation (causal, top-k): the isoFLOP-optimal baseline
 (lowest val loss), the best MoD, and the MoD model that matches the optimal baseline's loss
 (the cheapest per step among those at or below it), with its FLOPs per step and its training
-step time as ratios to the baseline's: the two steps timed side by side in one process,
-interleaved rounds (bench.py's), one thread on a CPU, median and spread printed.
+step time as ratios to the baseline's: the steps timed side by side in one process,
+interleaved rounds (bench.py's), one thread on a CPU, its CPU time (the wall time of an idle
+machine, and what a busy one disturbs least), median and spread printed.
 
 Figure, left to right: val loss and train loss against non-embedding parameters (star: each
 curve's minimum; MoD causal solid, top-k dotted); val loss against training time for the
@@ -17,6 +18,8 @@ optimal baseline and the MoD that matches it, time = steps x the side-by-side st
     python experiments/mod_isoflop.py                 # --preset cpu
     python experiments/mod_isoflop.py --preset smoke  # seconds, for the tests
 """
+
+import time
 
 import kit
 from configurator import fail
@@ -96,9 +99,22 @@ def matching_mod(rows, loss):
     return found
 
 
+def step_seconds(step, steps, device):
+    """Seconds per step over `steps` steps: on a CPU the CPU time of this thread, which is the
+    wall time on an idle machine and what a busy one disturbs least; on a GPU the wall time."""
+    if device != "cpu":
+        import bench
+        return bench.median_seconds(step, steps, device)
+    start = time.thread_time()
+    for _ in range(steps):
+        step()
+    return (time.thread_time() - start) / steps
+
+
 def time_steps(flags_by_name, rounds, steps):
     """{name: (median ms, spread)} of a training step of each model, timed side by side: bench.py's
-    step (forward, backward, train.py's AdamW), rounds interleaved, one thread on a CPU."""
+    step (forward, backward, train.py's AdamW), rounds interleaved (bench.interleaved), one
+    thread on a CPU."""
     import torch
     import bench
     import train
@@ -118,7 +134,7 @@ def time_steps(flags_by_name, rounds, steps):
     for name, model in models.items():
         step = bench.training_step(model.to(device), cfg, device, autocast)[0]
         step(), step()  # warm up
-        runs[name] = lambda step=step: bench.median_seconds(step, steps, device)
+        runs[name] = lambda step=step: step_seconds(step, steps, device)
     result = {name: bench.median_and_spread(r) for name, r in bench.interleaved(runs, cfg).items()}
     torch.set_num_threads(threads)
     return {name: (1000 * sec, spread) for name, (sec, spread) in result.items()}
@@ -188,6 +204,7 @@ def draw_wall_clock(ax, heads, runs_by_name, rows, colors):
                 ("mod", head[mod], head[f"{mod}_ms"], "o--" if mod == "matching_mod" else "o:",
                  "matching" if mod == "matching_mod" else "best, none matches")):
             log = kit.read_log(runs_by_name[by_size[(head["budget"], variant, name)]["run"]])
+            log = [e for e in log if e["iter"] > 0]  # the untrained loss would set the scale
             ax.plot([e["iter"] * ms / 1000 for e in log], [e["val"]["loss"] for e in log], style,
                     color=colors[j], markersize=4,
                     label=f"{head['budget']:g}: {variant} {name} ({note})")
