@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from checkpoint import VARIANTS, data_dir, load_model, pick_device
-from configurator import build as build_settings, fail, parse_value, read_flags
+from configurator import build as build_settings, fail, import_optional, parse_value, read_flags
 from model import GPT, GPTConfig
 from mom import MoMGPT
 
@@ -46,22 +46,22 @@ from mom import MoMGPT
 @dataclass
 class BenchConfig:
     variants: str = "all"  # comma-separated, or all
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    vocab_size: int = 50304
-    batch_size: int = 8
+    n_layer: int = 4  # transformer blocks of every model (fresh weights, random tokens)
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 256  # tokens per sequence
+    vocab_size: int = 50304  # GPT-2's, padded to a multiple of 64
+    batch_size: int = 8  # sequences per training step
     steps: int = 10  # timed steps per variant and round, after warmup
-    warmup: int = 3
-    device: str = "auto"
+    warmup: int = 3  # untimed steps first (allocations, compilation)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "float32"  # float32 | bfloat16
-    compile: bool = False
+    compile: bool = False  # torch.compile every model, on any device (default: eager)
     decode: bool = False  # time generation instead of training
-    max_new_tokens: int = 200
-    decode_batch: int = 1
+    max_new_tokens: int = 200  # with --decode: tokens generated per timed generation
+    decode_batch: int = 1  # with --decode: sequences generated at once
     decode_repeats: int = 3  # timed generations per model; the fastest counts
-    seed: int = 0
+    seed: int = 0  # the models' initialisation and the random tokens
     compare_kernels: bool = False  # mod only: routed block and step, Triton vs reference, eager vs compiled
     checkpoints: str = ""  # comma-separated checkpoint dirs/files: measure these trained models instead
     prefill: bool = False  # with --checkpoints: val loss and forward time over the whole val set
@@ -85,7 +85,9 @@ def parse_args(argv):
     """Bench flags plus any variant's flags: {variant: settings}."""
     own = {f.name: f for f in fields(BenchConfig)}
     values, per_variant = {}, {name: {} for name in VARIANTS}
-    for key, text in read_flags(argv).items():
+    groups = [("bench", BenchConfig)] + [(f"{name}'s own (they apply to its row)", cls)
+                                         for name, (_, cls) in VARIANTS.items() if cls]
+    for key, text in read_flags(argv, __doc__, groups).items():
         if key in own:
             values[key] = parse_value(text, own[key])
             continue
@@ -409,7 +411,7 @@ def main(argv):
     config = GPTConfig(block_size=cfg.block_size if not cfg.decode else max(cfg.block_size, cfg.max_new_tokens + 1),
                        vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     print(f"# {config.n_layer}x{config.n_head}x{config.n_embd}, vocab {config.vocab_size}, device {where}, {cfg.dtype}"
-          f"{', compiled' if cfg.compile else ''}")
+          f"{', compiled' if cfg.compile else ', eager (--compile=True compiles)'}")
     print("# FLOPs: training FLOPs per token, 6 x matmul weights + 12 d T per attended layer (DESIGN.md)")
     if cfg.compare_kernels:
         return compare_kernels(cfg, settings, config, device, autocast)
@@ -485,11 +487,11 @@ def route_share(model, capacity, seed):
 
 
 def hf_generate(config, device):
-    """transformers' GPT2LMHeadModel.generate at the same dims, or None without the package."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        return None
+    """(transformers' GPT2LMHeadModel.generate at the same dims, None), or (None, why not)."""
+    classes, why_not = import_optional("transformers", "GPT2Config", "GPT2LMHeadModel")
+    if classes is None:
+        return None, why_not
+    GPT2Config, GPT2LMHeadModel = classes
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
                                     n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -499,7 +501,7 @@ def hf_generate(config, device):
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, use_cache=use_cache, pad_token_id=0)
 
-    return generate
+    return generate, None
 
 
 @torch.no_grad()
@@ -522,7 +524,7 @@ def bench_decode(cfg, settings, config, device):
         kv[name] = model.kv_cache_nbytes(cache)
         generators[name] = lambda prompt, n, use_cache, model=model: model.generate(prompt, n, temperature=0,
                                                                                     use_cache=use_cache)
-    hf = hf_generate(config, device)
+    hf, hf_missing = hf_generate(config, device)
     if hf is not None:
         generators["transformers GPT-2"] = hf
     prompt = torch.zeros((cfg.decode_batch, 1), dtype=torch.long, device=device)
@@ -552,7 +554,7 @@ def bench_decode(cfg, settings, config, device):
               f"{row['cached_tok_s'] / row['uncached_tok_s']:>8.2f}x{row['cached_vs_baseline']:>11.2f}x"
               f"{kv_text}{row['spread']:>8.0%}")
     if hf is None:
-        print("# transformers is not installed: no row for its GPT-2 generate")
+        print(f"# no row for transformers' GPT-2 generate: {hf_missing}")
     warn_if_noisy({row["variant"]: row["spread"] for row in rows})
     write_csv(cfg.csv, rows)
     if cfg.profile:

@@ -1,15 +1,29 @@
 """
-Flags and config files for train.py, sample.py and bench.py: typed, and nothing is executed.
+Flags and config files for train.py, sample.py and bench.py: typed, and nothing is executed;
+and the import of packages they can do without.
 
     python train.py config/train_shakespeare_char.py --max_iters=2000 --capacity 0.25
 
-Settings live in dataclasses with defaults; each field is a flag of the same name. A config
-file holds `key = literal` lines (Python syntax, read with ast.literal_eval). A user's mistake
-ends with `fail`: one line on stderr that names the flag or file, exit code 2.
+Settings live in dataclasses with defaults; each field is a flag of the same name, and the
+comment beside the field is the flag's help (`-h` / `--help` reads it from the source, so the
+help cannot drift from the flags). A config file holds `key = literal` lines (Python syntax,
+read with ast.literal_eval). A user's mistake ends with `fail`: one line on stderr that names
+the flag or file, exit code 2.
+
+An optional package (transformers, matplotlib) comes through `import_optional`, which imports
+it with this folder off the path: kernels.py here would shadow the PyPI package `kernels` that
+transformers >= 5 imports. When the import fails, the user reads why, not "not installed".
 """
 
 import ast
+import dataclasses
+import importlib
+import inspect
+import io
+import json
 import sys
+import textwrap
+import tokenize
 from pathlib import Path
 
 
@@ -54,12 +68,16 @@ def read_config_file(path):
     return values
 
 
-def read_flags(argv):
-    """`--key value`, `--key=value` and config files -> {key: text}, later ones winning."""
+def read_flags(argv, doc="", groups=()):
+    """`--key value`, `--key=value` and config files -> {key: text}, later ones winning.
+    `-h` or `--help` prints `doc` and the flags of `groups` (see usage) and exits 0."""
     raw = {}
     args = list(argv)
     while args:
         arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(usage(doc, groups))
+            raise SystemExit(0)
         if not arg.startswith("--"):
             raw.update({k: str(v) for k, v in read_config_file(arg).items()})
             continue
@@ -78,3 +96,76 @@ def build(cls, values):
         return cls(**values)
     except ValueError as e:
         fail(str(e))
+
+
+# --- help ------------------------------------------------------------------------------------
+
+def documented_fields(cls):
+    """[(notes, field, meaning)] of a settings dataclass, read from its source: the comment at the
+    end of a field's line is its meaning; comment lines of their own above it (a section's title,
+    or why the default is what it is) are its notes."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    inline, own_line = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            alone = not token.line[:token.start[1]].strip()
+            (own_line if alone else inline)[token.start[0]] = token.string.lstrip("#").strip()
+    declared = {node.target.id: node for node in ast.parse(source).body[0].body
+                if isinstance(node, ast.AnnAssign)}
+    rows, previous_end = [], 0
+    for field in dataclasses.fields(cls):
+        node = declared[field.name]
+        notes = [own_line[n] for n in range(previous_end + 1, node.lineno) if n in own_line]
+        rows.append((notes, field, inline.get(node.end_lineno, "")))
+        previous_end = node.end_lineno
+    return rows
+
+
+def shown_default(value):
+    """A default as it would be typed after --flag= (quoted when empty or holding spaces)."""
+    text = str(value)
+    quote = isinstance(value, str) and (not text or not text.isprintable() or " " in text)
+    return json.dumps(text) if quote else text
+
+
+def usage(doc, groups):
+    """The --help text: the entry point's docstring, then each (title, settings dataclass) group
+    of flags, one line each: --flag=default and what it means."""
+    lines = [textwrap.dedent(doc).strip(), "",
+             "Flags (--key=value or --key value, after any config files), with their defaults:"]
+    for title, cls in groups:
+        lines += ["", f"{title}:"]
+        for notes, field, meaning in documented_fields(cls):
+            lines += [f"  {note}" for note in notes]
+            flag = f"--{field.name}={shown_default(field.default)}"
+            lines.append(f"    {flag:<28}  {meaning}".rstrip())
+    return "\n".join(lines)
+
+
+# --- optional packages -----------------------------------------------------------------------
+
+def import_optional(name, *attributes):
+    """`from name import attributes` (`import name` without them) -> (the attributes or the
+    module, None), or (None, why not: one line for the user). This folder and the project's
+    `kernels` module are set aside meanwhile, so that a package's own `import kernels` finds
+    the PyPI package of that name, not kernels.py."""
+    here = Path(__file__).resolve().parent
+    saved_path, before = sys.path[:], sys.modules.get("kernels")
+    project_kernels = before is not None and \
+        Path(getattr(before, "__file__", None) or "/").resolve().parent == here
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    if project_kernels:
+        del sys.modules["kernels"]
+    try:
+        module = importlib.import_module(name)
+        return (tuple(getattr(module, a) for a in attributes) if attributes else module), None
+    except Exception as e:  # not only ImportError: a broken install raises anything
+        if isinstance(e, ModuleNotFoundError) and e.name == name.split(".")[0]:
+            return None, f"{name} is not installed (pip install {name.split('.')[0]})"
+        return None, f"{name} failed to import: {type(e).__name__}: {e}".splitlines()[0]
+    finally:  # the PyPI `kernels`, if imported, stays with the modules that imported it
+        sys.path[:] = saved_path
+        if project_kernels:
+            sys.modules["kernels"] = before
+        elif before is None:
+            sys.modules.pop("kernels", None)  # a later `import kernels` finds kernels.py

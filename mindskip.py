@@ -21,9 +21,9 @@ masked out; we tune on the same kind of text the base was trained on) with
 
 The two-sided penalty pulls the share of open gates to the target from either side; the
 official term has no target and only pushes gates shut. With --sparsity target, one offset b
-is added to every score, s + b, and each tuning step moves b towards opening exactly the
-target share of the batch's gates (this project's; the paper's routers have neither a bias nor
-a target): the penalty alone left the realised share up to 0.08 off at sequence level. While tuning, a closed gate's
+is added to every score, s + b, and after each tuning step b is set so that the routers open
+exactly the target share of the gates of the last 1,024 inputs they read (this project's; the
+paper's routers have neither a bias nor a target). While tuning, a closed gate's
 sublayer is still computed (times 0), so the LM loss reaches closed gates straight-through
 and can reopen them; the official code skips closed sequences in training too, so a gate
 it closes hears only the sparsity term. Zero-initialised routers give sigmoid(0) = 0.5 >= 0.5:
@@ -40,7 +40,8 @@ import torch.nn as nn
 from model import GPT, KVCache, attention_flops, block_matmul_params
 from router import MindSkipGate, capacity_penalty, gate_sum_sparsity, pack_mask
 
-OFFSET_STEP = 0.1  # the offset moves by this x (open share - target) x score spread per optimizer step
+RECENT_INPUTS = 1024  # router inputs kept per gated layer for the offset: ~the default tuning set
+TUNED_BUFFERS = ("score_offset", "recent_inputs", "recent_count")  # saved with the routers
 
 
 @dataclass
@@ -124,9 +125,12 @@ class MindSkipGPT(GPT):
         self.loss_weights = {"sparsity": settings.sparsity_coef}
         # added to every gate's score; follows the target while tuning (see follow_target)
         self.register_buffer("score_offset", torch.zeros(()))
-        # (sum of (open share - target) x score spread, forwards) since the last optimizer step;
-        # a plain tensor, not a buffer, so that DDP never overwrites one rank's with another's
-        self.offset_pending = torch.zeros(2)
+        # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written;
+        # buffers, so that resuming continues with them
+        ring = torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd)
+        self.register_buffer("recent_inputs", ring)
+        self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
+        self.pending_inputs = []  # this step's router inputs, (layers, rows, d) per micro-batch
         self.last_capacity = None  # share of gates open in the last forward; for logging, never for routing
         self.last_open = None
 
@@ -135,14 +139,14 @@ class MindSkipGPT(GPT):
         """Copy a trained GPT's weights, add zero routers, and freeze everything but the routers."""
         model = cls(dataclasses.replace(dense.config), settings)
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("routers.") or k == "score_offset" for k in missing)
+        assert not unexpected and all(k.startswith("routers.") or k in TUNED_BUFFERS for k in missing)
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("routers.")
         return model.to(dense.lm_head.weight.device)
 
     def checkpoint_state_dict(self):
         """Only the routers: the backbone lives in the base checkpoint."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("routers.") or k == "score_offset"}
+        return {k: v for k, v in self.state_dict().items() if k.startswith("routers.") or k in TUNED_BUFFERS}
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the routers with no weight decay, whatever --weight_decay says: decay pulls
@@ -162,7 +166,7 @@ class MindSkipGPT(GPT):
         model.eval() skips what closed gates close, and with a cache writes no KV for it."""
         if self.training and cache is not None:
             raise ValueError("generating with a cache needs model.eval(): tuning computes closed sublayers too")
-        skip, gates, scores = self.settings.skip, [], []
+        skip, gates, router_inputs = self.settings.skip, [], []
         for i, block in enumerate(self.transformer.h):
             if i not in self.routed:
                 x = block(x, self.layer_cache(cache, i))
@@ -170,8 +174,8 @@ class MindSkipGPT(GPT):
             if skip == "mlp":  # attention runs as usual; the gate sits on the MLP after it
                 x = x + block.attn_update(x, self.layer_cache(cache, i))
             h = (block.ln_2 if skip == "mlp" else block.ln_1)(x)  # the gated sublayer's input; its router reads it too
-            gate, score = self.gate(i, h, cache)
-            scores.append(score)
+            gate, _ = self.gate(i, h, cache)
+            router_inputs.append(h)
             if self.training:
                 x = self.gated_sublayer(block, x, h, gate[:, None, None] if gate.dim() == 1 else gate[..., None], None)
             elif self.settings.router_level == "sequence":
@@ -185,7 +189,7 @@ class MindSkipGPT(GPT):
         every_gate = torch.cat([g.flatten() for g in gates])
         self.last_capacity = every_gate.detach().mean()
         if self.follows_target():
-            self.record_for_target(torch.cat([s.flatten() for s in scores]))
+            self.record_for_target(router_inputs)
         if self.settings.sparsity == "official":
             return x, {"sparsity": gate_sum_sparsity(gates)}
         return x, {"sparsity": capacity_penalty(every_gate, self.settings.target_capacity)}
@@ -212,28 +216,49 @@ class MindSkipGPT(GPT):
         return self.training and self.settings.sparsity == "target" and 0 < self.settings.gate_threshold < 1
 
     @torch.no_grad()
-    def record_for_target(self, scores):
-        """Remember how far this batch's open share was from the target, scaled by the spread of
-        its scores (so the step does not depend on their scale)."""
-        threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
-        open_share = (scores + self.score_offset >= threshold).float().mean()
-        error = (open_share - self.settings.target_capacity) * scores.std()
-        self.offset_pending = self.offset_pending.to(scores.device) + torch.stack([error, torch.ones_like(error)])
+    def record_for_target(self, router_inputs):
+        """Set aside what each router read in this forward, for the ring of recent inputs:
+        every row at sequence level, a spread of tokens at token level (so that the ring
+        spans many sequences), the same positions for every micro-batch of a step."""
+        rows = [(h.mean(dim=1) if self.settings.router_level == "sequence" else h).flatten(0, -2)
+                for h in router_inputs]
+        n = rows[0].size(0)
+        # a prime stride spreads the sample over rows and positions, the count moves it each step;
+        # tensor arithmetic only, so a compiled forward stays one graph
+        step = torch.arange(min(n, RECENT_INPUTS // 16), device=rows[0].device) * 7919
+        take = (step + self.recent_count) % n
+        self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()
     def follow_target(self):
-        """After every optimizer step (a hook from configure_optimizers): move the offset against
-        the mean recorded error of the step's micro-batches, on every process alike. Like
-        BatchNorm's running statistics it follows the training batches and is frozen in eval
-        mode; its fixed point opens exactly target_capacity of the gates (all gated layers
-        together, so the routers still choose which layers and rows stay open). The penalty
-        alone left the realised share up to 0.08 off target at sequence level, where the few
-        rows of a batch give it a coarse, noisy count."""
-        pending, self.offset_pending = self.offset_pending, torch.zeros(2, device=self.score_offset.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(pending)  # the whole global batch, as one process would see it
-        if pending[1] > 0:
-            self.score_offset -= OFFSET_STEP * pending[0] / pending[1]
+        """After every optimizer step (a hook from configure_optimizers): put the step's inputs
+        (of every process, in micro-batch order) in the ring, then set the offset so that the
+        current routers open exactly target_capacity of the gates on the ring's inputs (all
+        gated layers together, so the routers still choose which layers and rows stay open).
+        Like BatchNorm's running statistics it follows the training batches and is frozen in
+        eval mode. Scoring stored inputs with the current routers, not past scores, keeps it
+        exact however fast the routers move: a running correction of the offset lagged behind
+        them and left tunings of 50-100 steps 0.05-0.24 off target."""
+        if self.pending_inputs:
+            kept, self.pending_inputs = torch.cat(self.pending_inputs, dim=1), []
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                parts = [torch.empty_like(kept) for _ in range(torch.distributed.get_world_size())]
+                torch.distributed.all_gather(parts, kept)
+                kept = torch.cat(parts, dim=1)
+            kept = kept[:, -RECENT_INPUTS:]
+            where = self.recent_count + torch.arange(kept.size(1), device=kept.device)
+            self.recent_inputs[:, where % RECENT_INPUTS] = kept
+            self.recent_count += kept.size(1)
+        # quantile calibration on the recent inputs: exact for the current routers, no gain to tune
+        filled = min(int(self.recent_count), RECENT_INPUTS)
+        if filled == 0:  # no tuning forward has recorded (or the settings never record)
+            return
+        weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
+        scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, :filled], weights).flatten()
+        threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
+        closed = 1 - self.settings.target_capacity
+        boundary = torch.quantile(scores, closed, interpolation="midpoint")  # target share above it
+        self.score_offset.fill_(threshold - boundary)
 
     def gated_sublayer(self, block, x, h, g, kv):
         """x + g * f(x) for the sublayer --skip names, f reading h = its LayerNorm of x (computed

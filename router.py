@@ -14,11 +14,26 @@ teaches the per-token decision to imitate top-k, either on the router itself (it
 or on a separate predictor whose input is detached, so that it cannot change the LM objective.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def decides_in_float32(forward):
+    """Runs a router's forward(self, x, ...) on float32 x with autocast off. Every routing
+    decision (a threshold, a top-k, an argmax) reads these scores, and bfloat16 would round
+    them: sigmoid of a score in (-0.004, 0) becomes 0.5 and opens a gate float32 keeps shut."""
+
+    @functools.wraps(forward)
+    def in_float32(self, x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x.float(), *args, **kwargs)
+
+    return in_float32
+
 
 # --- Mixture-of-Depths -----------------------------------------------------------------------
 
@@ -34,6 +49,7 @@ class DepthRouter(nn.Linear):
     def __init__(self, n_embd):
         super().__init__(n_embd, 1)
 
+    @decides_in_float32
     def forward(self, x):
         return super().forward(x).squeeze(-1)
 
@@ -46,6 +62,7 @@ class CausalPredictor(nn.Sequential):
         hidden = n_embd // 8  # "small" in the paper; d/8 is about 1% of a block's weights
         super().__init__(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
+    @decides_in_float32
     def forward(self, x):
         return super().forward(x.detach()).squeeze(-1)
 
@@ -104,7 +121,8 @@ class AddRows(torch.autograd.Function):
     def forward(ctx, x, index, rows):
         ctx.mark_dirty(x)
         ctx.save_for_backward(index)
-        return x.index_add_(0, index, rows)
+        x.index_add_(0, index, rows)
+        return x  # x itself: torch.compile breaks the graph on a dirty input that is not returned
 
     @staticmethod
     def backward(ctx, grad):
@@ -144,14 +162,12 @@ class MindSkipGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, n_embd))
         self.level, self.threshold = level, threshold
 
+    @decides_in_float32
     def score(self, h):
         """h: (B, T, C) -> s: (B,) at sequence level, (B, T) at token level, float32."""
         if self.level == "sequence":
             h = h.mean(dim=1)
-        # scored and compared in float32: under bfloat16, sigmoid of a score in about
-        # (-0.004, 0) rounds up to 0.5 and would open a gate that float32 keeps closed
-        with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.weight.float()).squeeze(-1)
+        return F.linear(h, self.weight).squeeze(-1)
 
     def forward(self, h, offset=0.0):
         """(g, s): g = 1[sigmoid(s + offset) >= threshold], straight-through, and the score s
@@ -216,6 +232,7 @@ class ModuleRouter(nn.Module):
         self.out = nn.Linear(width, n_choices, bias=bias)
         self.step_bias = nn.Parameter(torch.zeros(steps, n_choices)) if step_bias else None
 
+    @decides_in_float32
     def forward(self, x, state, step):
         """x: (B, T, C), state: (B*T, width) or None -> logits (B, T, n_choices), new state."""
         B, T, C = x.shape

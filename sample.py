@@ -21,14 +21,14 @@ from configurator import build, fail, parse_value, read_flags
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # resume (the checkpoint in out_dir) | a checkpoint path | gpt2 | gpt2-medium | ...
-    out_dir: str = "out"
+    out_dir: str = "out"  # the run whose checkpoint --init_from=resume loads
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 3
-    max_new_tokens: int = 500
+    num_samples: int = 3  # samples to print, one after the other
+    max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 = as trained, lower = more conservative
     top_k: int = 200  # keep only the top_k most likely tokens (0 = all)
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = 1337  # the sampling's random numbers
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     use_cache: bool = True  # KV cache: the prompt runs once, then one position per token
     show_depth: bool = False  # shade each token by how much of the network it used
 
@@ -43,7 +43,7 @@ class SampleConfig:
 def parse_args(argv):
     known = {f.name: f for f in fields(SampleConfig)}
     values = {}
-    for key, text in read_flags(argv).items():
+    for key, text in read_flags(argv, __doc__, [("sampling", SampleConfig)]).items():
         if key not in known:
             fail(f"unknown flag --{key}. Valid flags: {', '.join(known)}")
         values[key] = parse_value(text, known[key])

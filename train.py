@@ -42,8 +42,8 @@ class TrainConfig:
     # I/O
     out_dir: str = ""  # "" = out for the baseline, out-<variant> for the others
     overwrite: bool = False  # a new run may replace the checkpoint already in out_dir
-    eval_interval: int = 250
-    log_interval: int = 10
+    eval_interval: int = 250  # iterations between evaluations (and checkpoints)
+    log_interval: int = 10  # iterations between loss lines
     eval_iters: int = 20  # batches per split at each evaluation
     eval_only: bool = False  # evaluate once, print, write nothing
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
@@ -51,32 +51,32 @@ class TrainConfig:
     # data
     dataset: str = "shakespeare_char"  # a folder of data/ holding train.bin and val.bin
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
-    batch_size: int = 12
+    batch_size: int = 12  # sequences per micro-batch, per process
     block_size: int = 0  # context length; 0: 64 for a new model, a trained model's own when starting from one
     train_samples: int = -1  # -1: the variant's default; 0: random windows from all of train.bin; N: epochs over N windows
     # model (ignored when init_from loads one)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # share of activations zeroed in training (attention, MLP, embeddings)
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     # AdamW with warmup and cosine decay
-    learning_rate: float = 1e-3
-    max_iters: int = 2000
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.99
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    max_iters: int = 2000  # optimizer steps in all
+    weight_decay: float = 1e-1  # on weight matrices and embeddings, not on biases or norms
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.99  # AdamW's second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
-    decay_lr: bool = True
-    warmup_iters: int = 100
+    decay_lr: bool = True  # False: learning_rate throughout
+    warmup_iters: int = 100  # linear warmup from near 0
     lr_decay_iters: int = 2000  # usually = max_iters
     min_lr: float = 1e-4  # usually learning_rate / 10
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"  # auto (bfloat16 where supported, else float32) | float32 | bfloat16 | float16
-    compile: bool = True  # torch.compile the model; only used on CUDA
+    compile: str = "auto"  # torch.compile the model: auto (on CUDA only) | true | false
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    seed: int = 1337
+    seed: int = 1337  # initialisation, data order and dropout
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -99,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if isinstance(self.compile, bool):  # checkpoints stored True when it meant "on CUDA only"
+            self.compile = "auto" if self.compile else "false"
+        self.compile = self.compile.lower()
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"--compile must be auto, true or false, got {self.compile!r}")
         if self.train_samples < -1:
             raise ValueError(f"--train_samples must be -1 (the variant's default), 0 (all) or a count, got {self.train_samples}")
 
@@ -111,7 +116,9 @@ MAY_CHANGE_ON_RESUME = {"init_from", "out_dir", "overwrite", "max_iters", "lr_de
 
 def parse_args(argv):
     """argv -> (TrainConfig, variant settings or None, names of the flags given)."""
-    raw = read_flags(argv)
+    groups = [("training", TrainConfig)] + [(f"--variant {name}", cls)
+                                            for name, (_, cls) in VARIANTS.items() if cls]
+    raw = read_flags(argv, __doc__, groups)
     variant = raw.get("variant", "baseline")
     if variant not in VARIANTS:
         fail(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -417,7 +424,8 @@ def setup(cfg, settings, ckpt):
         batches.load_state(ckpt["rng"])
     elif model.starts_from_dense:
         run.base = base_pointer(cfg)
-    if cfg.compile and device_type == "cuda":
+    compiled, why = compile_choice(cfg.compile, device_type)
+    if compiled:
         run.model = torch.compile(model)
     if ddp:
         run.model = DDP(run.model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None,
@@ -426,7 +434,17 @@ def setup(cfg, settings, ckpt):
         print(f"variant {cfg.variant}: {model.get_num_params() / 1e6:.2f}M parameters, context "
               f"{model.config.block_size}, {model.flops_per_token() / 1e6:.2f} MFLOPs/token (training), "
               f"device {device}, {dtype}")
+        print(f"compile: {'on' if compiled else 'off'} ({why})")
     return run
+
+
+def compile_choice(setting, device_type):
+    """(torch.compile the model?, why, for the log) for --compile auto | true | false."""
+    if setting != "auto":
+        return setting == "true", f"--compile={setting}"
+    if device_type == "cuda":
+        return True, "--compile=auto compiles on CUDA"
+    return False, "--compile=auto compiles on CUDA only; --compile=True compiles here too"
 
 
 def save(run, val_loss=None):

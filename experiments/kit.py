@@ -7,6 +7,10 @@ result can be reproduced by hand with the flags the script prints. A run whose l
 reaches its last step is skipped; a run with a checkpoint but no final step is resumed
 (`--init_from=resume --out_dir=...`); so an interrupted experiment continues where it stopped.
 
+Only the preset whose results the README shows (--preset cpu) writes experiments/results/ and
+assets/; smoke, gpu and any other preset write their CSV and figure under out-experiments/<preset>/,
+which git ignores, so a quick try never overwrites the published results.
+
 Parameters and FLOPs per token are computed from the model train.py builds for the same flags
 (train.parse_args + train.build_model on the CPU, no training), not parsed from its output.
 """
@@ -27,20 +31,52 @@ sys.path.insert(0, str(REPO))
 
 A100_BF16_PEAK = 312e12  # FLOP/s, for the gpu preset's estimate
 ASSUMED_MFU = 0.4  # a fair share of that peak for GPT-2 small with torch.compile
+PUBLISHED = "cpu"  # the preset whose CSVs and figures the README shows
+SCRATCH = REPO / "out-experiments"  # git ignores it: the runs, and other presets' CSVs and figures
 
 
 def parse_args(description, presets, argv=None):
-    """The flags every experiment script takes."""
+    """The flags every experiment script takes. Only --preset cpu writes the published results
+    (experiments/results/, assets/); any other preset writes under out-experiments/<preset>/."""
     from configurator import fail
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # a wrong flag: one line naming it, exit code 2 (not the usage block first)
-    p.add_argument("--preset", choices=sorted(presets), default="cpu")
-    p.add_argument("--dataset", default=None, help="override the preset's dataset (a data/ name or a folder)")
-    p.add_argument("--runs_dir", default=None, help="parent of the runs' out_dirs (default out-experiments/<name>)")
-    p.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
-    p.add_argument("--assets_dir", default=str(REPO / "assets"))
-    p.add_argument("--yes", action="store_true", help="start a gpu preset without asking")
-    return p.parse_args(argv)
+    p.add_argument("--preset", choices=sorted(presets), default=PUBLISHED,
+                   help=f"smoke: seconds, for the tests; {PUBLISHED}: the README's results; "
+                        f"gpu: GPT-2 dims (default: {PUBLISHED})")
+    p.add_argument("--dataset", default=None,
+                   help="a data/ name or a folder (default: the preset's dataset)")
+    p.add_argument("--runs_dir", default=None,
+                   help="parent of the runs' out_dirs (default: out-experiments/<name>, "
+                        "or out-experiments/<preset>/<name> for another preset)")
+    p.add_argument("--results_dir", default=None,
+                   help=f"where the CSV goes (default: experiments/results for --preset "
+                        f"{PUBLISHED}, else out-experiments/<preset>/results)")
+    p.add_argument("--assets_dir", default=None,
+                   help=f"where the figure goes (default: assets for --preset {PUBLISHED}, "
+                        f"else out-experiments/<preset>/assets)")
+    p.add_argument("--yes", action="store_true",
+                   help="start a gpu preset without asking (default: ask)")
+    args = p.parse_args(argv)
+    published = args.preset == PUBLISHED
+    args.runs_root = SCRATCH if published else SCRATCH / args.preset
+    if published:
+        args.results_dir = args.results_dir or REPO / "experiments" / "results"
+        args.assets_dir = args.assets_dir or REPO / "assets"
+        print(f"--preset {PUBLISHED}: the README's results; the CSV and figure replace those in "
+              f"{shown(args.results_dir)}/ and {shown(args.assets_dir)}/")
+    else:
+        args.results_dir = args.results_dir or args.runs_root / "results"
+        args.assets_dir = args.assets_dir or args.runs_root / "assets"
+        print(f"--preset {args.preset}: the CSV and figure go to {shown(args.results_dir)}/ and "
+              f"{shown(args.assets_dir)}/ (only --preset {PUBLISHED} writes the published results)")
+    return args
+
+
+def shown(path):
+    """A path as the user would type it: relative to the repository when inside it."""
+    return str(path).removeprefix(f"{REPO}/")
 
 
 def flag_list(flags):
@@ -145,7 +181,7 @@ def write_csv(rows, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     header = list(dict.fromkeys(k for row in rows for k in row))
     # paths inside the repository (a run's --init_from) are written relative to it
-    rows = [{k: (str(v).removeprefix(f"{REPO}/") if isinstance(v, (str, Path)) else v) for k, v in row.items()}
+    rows = [{k: (shown(v) if isinstance(v, (str, Path)) else v) for k, v in row.items()}
             for row in rows]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
@@ -166,14 +202,13 @@ def print_table(rows, columns):
 
 def pyplot():
     """matplotlib.pyplot on a file backend, or None (the CSV and table still come out)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    from configurator import import_optional
+    plt, why_not = import_optional("matplotlib.pyplot")
+    if plt is None:
+        print(f"no figure: {why_not}")
         return None
+    plt.switch_backend("Agg")
+    return plt
 
 
 def save_figure(fig, path):
@@ -197,7 +232,7 @@ def confirm_gpu(runs, yes):
 
 
 def runs_dir(args, name):
-    return Path(args.runs_dir) if args.runs_dir else REPO / f"out-experiments/{name}"
+    return Path(args.runs_dir) if args.runs_dir else args.runs_root / name
 
 
 def common_flags(preset, dataset):

@@ -10,7 +10,7 @@ import torch
 
 import checkpoint
 import train
-from mindskip import MindSkipConfig, MindSkipGPT
+from mindskip import TUNED_BUFFERS, MindSkipConfig, MindSkipGPT
 from model import GPT, GPTConfig, KVCache
 
 torch.set_num_threads(1)
@@ -304,7 +304,7 @@ def test_train_py_tunes_only_the_routers_of_a_dense_checkpoint_and_reloads_base_
     run(out_dir=tmp_path / "tuned", variant="router_tuning", init_from=tmp_path / "base", max_iters=4,
         lr_decay_iters=4, learning_rate=0.1, train_samples=20, sparsity_coef=5.0)
     ckpt = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
-    assert set(ckpt["model"]) == {f"routers.{i}.weight" for i in ROUTED} | {"score_offset"}
+    assert set(ckpt["model"]) == {f"routers.{i}.weight" for i in ROUTED} | set(TUNED_BUFFERS)
     assert ckpt["base"]["sha256"] == checkpoint.file_sha256(tmp_path / "base" / "ckpt.pt")
     base, _ = checkpoint.load_model(tmp_path / "base")
     tuned, _ = checkpoint.load_model(tmp_path / "tuned")

@@ -227,6 +227,17 @@ def test_router_tuning_trains_one_epoch_over_its_samples_without_replacement(dat
     assert sorted(epoch.tolist()) == [16 * i for i in range(10)]  # each of the 10 windows once
 
 
+def test_resume_mid_epoch_draws_the_batches_of_an_uninterrupted_run(dataset, tmp_path, capsys):
+    epochs = dict(train_samples=10)  # 4 windows a step: iter 6 stops 2.4 epochs in
+    train.main(tiny_flags(dataset, tmp_path / "full", **epochs))
+    full = logged_losses(capsys.readouterr().out)
+    train.main(tiny_flags(dataset, tmp_path / "split", max_iters=6, **epochs))
+    capsys.readouterr()
+    train.main(tiny_flags(dataset, tmp_path / "split", init_from="resume", **epochs))
+    resumed = logged_losses(capsys.readouterr().out)
+    assert sorted(resumed) == list(range(6, 12)) and all(resumed[i] == full[i] for i in resumed)
+
+
 # --- DDP -------------------------------------------------------------------------------------
 
 def run_ddp(argv, out_dir, processes):

@@ -160,15 +160,20 @@ def prepare(out_dir=HERE, subsets=N_SUBSETS, revision="main", base_url="https://
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subsets", type=int, default=N_SUBSETS, help=f"how many of the {N_SUBSETS} tar files to use")
+    parser.add_argument("--subsets", type=int, default=N_SUBSETS,
+                        help=f"how many of the {N_SUBSETS} tar files to use (default: %(default)s)")
     # No commit hash that still has subsets/ is pinned here, so the default follows the branch;
     # if the hub's layout changes, a 404 says so and --revision pins an older commit.
-    parser.add_argument("--revision", default="main", help="hub branch or commit of the dataset repository")
-    parser.add_argument("--base_url", default="https://huggingface.co", help="the hub, or a mirror of it")
+    parser.add_argument("--revision", default="main",
+                        help="hub branch or commit of the dataset (default: %(default)s)")
+    parser.add_argument("--base_url", default="https://huggingface.co",
+                        help="the hub, or a mirror of it (default: %(default)s)")
     parser.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="tokenizer processes")
-    parser.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out")
-    parser.add_argument("--out_dir", default=HERE, help="where train.bin / val.bin (and downloads/) go")
+                        help="tokenizer processes (default: half the CPUs, %(default)s here)")
+    parser.add_argument("--val_fraction", type=float, default=0.0005,
+                        help="share of documents held out (default: %(default)s)")
+    parser.add_argument("--out_dir", default=HERE,
+                        help="where train.bin / val.bin (and downloads/) go (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 1 <= args.subsets <= N_SUBSETS:
         parser.error(f"--subsets must be in [1, {N_SUBSETS}], got {args.subsets}")

@@ -90,9 +90,11 @@ def prepare(text, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="a local copy of input.txt (skips the download)")
-    parser.add_argument("--url", default=URL, help="where to download input.txt from")
-    parser.add_argument("--out_dir", default=HERE, help="where train.bin / val.bin / meta.json go")
+    parser.add_argument("--input", help="a local copy of input.txt (default: download it)")
+    parser.add_argument("--url", default=URL,
+                        help="where to download input.txt from (default: %(default)s)")
+    parser.add_argument("--out_dir", default=HERE,
+                        help="where train.bin / val.bin / meta.json go (default: %(default)s)")
     args = parser.parse_args(argv)
 
     path = args.input
