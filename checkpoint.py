@@ -1,11 +1,11 @@
 """
-What train.py writes and sample.py / bench.py read: the variant registry, checkpoints, the
-dataset folders, and the device. Every loader reports a bad file in one line (configurator.fail).
+What train.py writes and sample.py / bench.py read: checkpoints, the dataset folders, and
+the device. Every loader reports a bad file in one line (configurator.fail).
 
 A checkpoint (`out_dir/ckpt.pt`, read with weights_only=True) is a dict:
     model         the state dict (router-tuning: only the routers)
     model_args    GPTConfig fields
-    variant       a key of VARIANTS; variant_args its settings dataclass as a dict
+    variant       a name in variants.VARIANTS; variant_args its settings dataclass as a dict
     config        train.py's TrainConfig as a dict (resume restores it)
     optimizer, iter_num, best_val_loss, val_loss, rng    what resuming needs
     base          only for models that train part of a dense one: where the rest lives
@@ -21,17 +21,8 @@ from pathlib import Path
 import torch
 
 from configurator import build, fail
-from mindskip import MindSkipConfig, MindSkipGPT
-from mod import MoDConfig, MoDGPT
 from model import GPT, GPTConfig
-from mom import MoMConfig, MoMGPT
-
-VARIANTS = {  # name -> (model class, its settings dataclass)
-    "baseline": (GPT, None),
-    "mod": (MoDGPT, MoDConfig),
-    "mom": (MoMGPT, MoMConfig),
-    "router_tuning": (MindSkipGPT, MindSkipConfig),
-}
+from variants import VARIANTS
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -62,8 +53,8 @@ def read_meta(folder):
             with open(folder / "meta.pkl", "rb") as f:
                 return PlainDataUnpickler(f).load()
     except (OSError, ValueError, KeyError, AttributeError, pickle.UnpicklingError, EOFError) as e:
-        fail(f"{folder}: its meta.json / meta.pkl is not a plain vocabulary ({e.__class__.__name__}); "
-             f"run the dataset's prepare.py again")
+        fail(f"{folder}: its meta.json / meta.pkl is not a plain vocabulary "
+             f"({e.__class__.__name__}); run the dataset's prepare.py again")
     return None
 
 
@@ -112,9 +103,10 @@ def load_model(path, ckpt=None):
         ckpt, path = read_checkpoint(path)
     cls, settings_cls = VARIANTS[ckpt["variant"]]
     settings = None
-    if settings_cls:  # settings a newer version dropped are ignored (e.g. tune_samples, now a training flag)
+    if settings_cls:  # settings a newer version dropped are ignored (e.g. tune_samples)
         known = {f.name for f in fields(settings_cls)}
-        settings = build(settings_cls, {k: v for k, v in ckpt["variant_args"].items() if k in known})
+        stored = ckpt["variant_args"]
+        settings = build(settings_cls, {k: v for k, v in stored.items() if k in known})
     if "base" in ckpt:  # only part of the model was trained; the rest lives in the base checkpoint
         if "pretrained" in ckpt["base"]:
             base = pretrained(ckpt["base"]["pretrained"])
@@ -141,10 +133,11 @@ def load_model(path, ckpt=None):
 
 
 def is_gpt2_weights(init_from):
-    """A hub name (gpt2, gpt2-medium, ...), a .safetensors file, or a folder holding model.safetensors."""
+    """A hub name (gpt2, gpt2-medium, ...), a .safetensors file, or a folder holding
+    model.safetensors."""
     path = Path(init_from)
-    return (init_from.startswith("gpt2") and not path.exists()) or path.suffix == ".safetensors" or \
-        (path.is_dir() and (path / "model.safetensors").exists())
+    hub_name = init_from.startswith("gpt2") and not path.exists()
+    return hub_name or path.suffix == ".safetensors" or (path / "model.safetensors").exists()
 
 
 def pretrained(init_from, dropout=0.0):
@@ -156,12 +149,13 @@ def pretrained(init_from, dropout=0.0):
 
 
 def dense_model(init_from, dropout=0.0):
-    """A trained GPT-2 to start from: GPT-2 weights (hub name, file, folder) or a baseline checkpoint."""
+    """A trained GPT-2 to start from: GPT-2 weights (hub name, file, folder) or a checkpoint of
+    the dense model."""
     if is_gpt2_weights(init_from):
         return pretrained(init_from, dropout)
     model, ckpt = load_model(init_from)
-    if ckpt["variant"] != "baseline":
-        fail(f"--init_from {init_from} holds a {ckpt['variant']} model; a dense baseline is needed")
+    if type(model) is not GPT:
+        fail(f"--init_from {init_from} holds a {ckpt['variant']} model; a dense GPT is needed")
     return model
 
 

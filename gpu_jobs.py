@@ -24,11 +24,7 @@ import torch
 
 from configurator import import_optional
 from model import GPT, GPTConfig
-
-try:
-    from variants import VARIANTS
-except ImportError:  # the registry's older home
-    from checkpoint import VARIANTS
+from variants import VARIANTS
 
 
 def settings_for(name, n_layer, kernels="torch"):
@@ -227,27 +223,9 @@ def transformers_generate(dims, device):
     return generate
 
 
-def route_share(model, capacity, dims, device):
-    """Untrained MoD routers route about half the tokens in causal mode whatever C is: shift each
-    router's bias so that about C of them go through, block by block (each sees the routing of
-    the blocks before it). The bias never changes top-k, only the causal cut."""
-
-    def calibrate(block, inputs):
-        scores = block.router(inputs[0]).flatten().float()
-        block.router.bias -= torch.quantile(scores, 1 - capacity)
-
-    hooks = [b.register_forward_pre_hook(calibrate) for b in model.routed_blocks().values()]
-    with torch.no_grad(), model.routing("causal"):
-        model(random_batch(dims, 4, device, seed=1)[0])
-    for hook in hooks:
-        hook.remove()
-
-
 def our_generate(name, dims, device):
     """generate() of a variant, set up to route as it is measured (module docstring)."""
-    model = build(name, dims).to(device).eval()
-    if name == "mod":
-        route_share(model, model.settings.capacity, dims, device)
+    model = build(name, dims).to(device).eval().set_untrained_routing(seed=1)  # MoD: C routed
 
     def generate(prompt, n):
         cache = None

@@ -32,7 +32,8 @@ except Exception:  # not only ImportError: a broken Triton install must not brea
     triton = None
 
 TRITON_AVAILABLE = triton is not None
-BWD_PROGRAMS = 512  # LayerNorm backward: about this many programs fill a GPU; each sums dweight over its own rows
+# LayerNorm backward: about this many programs fill a GPU; each sums dweight over its own rows
+BWD_PROGRAMS = 512
 
 
 def use_triton(x, kernels="triton"):
@@ -50,7 +51,8 @@ def gather_layernorm_reference(x, idx, weight, bias, eps=1e-5):
 
 
 def scatter_weighted_add_reference(x, idx, update, w):
-    """out = x, except out[b, idx] = x[b, idx] + w[..., None] * update; w (B, k), update (B, k, d)."""
+    """out = x except out[b, idx] = x[b, idx] + w[..., None] * update; w (B, k), update
+    (B, k, d)."""
     index = idx.unsqueeze(-1).expand(-1, -1, x.size(-1))
     return x.scatter_add(1, index, (w.unsqueeze(-1) * update).to(x.dtype))
 
@@ -62,8 +64,9 @@ def scatter_weighted_add_reference(x, idx, update, w):
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _gather_layernorm_fwd(x_ptr, idx_ptr, w_ptr, b_ptr, x_sub_ptr, normed_ptr, mean_ptr, rstd_ptr,
-                              T, k, D, eps, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_layernorm_fwd(x_ptr, idx_ptr, w_ptr, b_ptr, x_sub_ptr, normed_ptr, mean_ptr,
+                              rstd_ptr, T, k, D, eps, HAS_BIAS: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # routed row (b, j) of the (B, k) sub-sequence
         src = (row // k * T + tl.load(idx_ptr + row)) * D  # its row in x
         cols = tl.arange(0, BLOCK_D)
@@ -112,7 +115,8 @@ if TRITON_AVAILABLE:
         tl.store(db_part_ptr + pid * D + cols, db, mask=in_row)
 
     @triton.jit
-    def _scatter_weighted_add_fwd(x_ptr, idx_ptr, update_ptr, w_ptr, out_ptr, T, k, D, BLOCK_D: tl.constexpr):
+    def _scatter_weighted_add_fwd(x_ptr, idx_ptr, update_ptr, w_ptr, out_ptr, T, k, D,
+                                  BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         dst = (row // k * T + tl.load(idx_ptr + row)) * D
         cols = tl.arange(0, BLOCK_D)
@@ -133,7 +137,8 @@ if TRITON_AVAILABLE:
         g = tl.load(g_ptr + src + cols, mask=in_row, other=0.0).to(tl.float32)
         update = tl.load(update_ptr + row * D + cols, mask=in_row, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + row).to(tl.float32)
-        tl.store(d_update_ptr + row * D + cols, (w * g).to(d_update_ptr.dtype.element_ty), mask=in_row)
+        d_update = (w * g).to(d_update_ptr.dtype.element_ty)
+        tl.store(d_update_ptr + row * D + cols, d_update, mask=in_row)
         tl.store(dw_ptr + row, tl.sum(g * update, axis=0).to(dw_ptr.dtype.element_ty))
 
 
@@ -170,8 +175,8 @@ class GatherLayerNorm(torch.autograd.Function):
         dw_part = x.new_empty(programs, D, dtype=torch.float32)
         db_part = torch.empty_like(dw_part)
         _gather_layernorm_bwd[(programs,)](
-            x, idx, weight, mean, rstd, g_sub.contiguous(), g_normed.contiguous(), dx, dw_part, db_part,
-            B * k, rows_per_program, T, k, D, BLOCK_D=block_d, num_warps=warps,
+            x, idx, weight, mean, rstd, g_sub.contiguous(), g_normed.contiguous(), dx, dw_part,
+            db_part, B * k, rows_per_program, T, k, D, BLOCK_D=block_d, num_warps=warps,
         )
         dweight = dw_part.sum(0).to(weight.dtype)
         dbias = db_part.sum(0).to(weight.dtype) if ctx.has_bias else None
@@ -184,7 +189,8 @@ class ScatterWeightedAdd(torch.autograd.Function):
         x, idx, update, w = x.contiguous(), idx.contiguous(), update.contiguous(), w.contiguous()
         (B, T, D), k, block_d, warps = _launch_shape(x, idx)
         out = x.clone()  # unrouted rows: a plain copy, bit for bit
-        _scatter_weighted_add_fwd[(B * k,)](x, idx, update, w, out, T, k, D, BLOCK_D=block_d, num_warps=warps)
+        _scatter_weighted_add_fwd[(B * k,)](x, idx, update, w, out, T, k, D, BLOCK_D=block_d,
+                                            num_warps=warps)
         ctx.save_for_backward(idx, update, w)
         return out
 
@@ -195,7 +201,8 @@ class ScatterWeightedAdd(torch.autograd.Function):
         (B, T, D), k, block_d, warps = _launch_shape(g, idx)
         d_update = torch.empty_like(update)
         dw = torch.empty_like(w)
-        _scatter_weighted_add_bwd[(B * k,)](g, idx, update, w, d_update, dw, T, k, D, BLOCK_D=block_d, num_warps=warps)
+        _scatter_weighted_add_bwd[(B * k,)](g, idx, update, w, d_update, dw, T, k, D,
+                                            BLOCK_D=block_d, num_warps=warps)
         return g, None, d_update, dw  # out = x + (rows that do not depend on x): dx = g
 
 
@@ -203,14 +210,14 @@ class ScatterWeightedAdd(torch.autograd.Function):
 
 
 def gather_layernorm(x, idx, weight, bias, eps=1e-5, kernels="triton"):
-    """x (B, T, d), idx (B, k) unique per row -> (x[b, idx], LayerNorm(x[b, idx])), both (B, k, d)."""
+    """x (B, T, d), idx (B, k) unique per row -> (x[b, idx], LayerNorm(x[b, idx])), (B, k, d)."""
     if use_triton(x, kernels):
         return GatherLayerNorm.apply(x, idx, weight, bias, eps)
     return gather_layernorm_reference(x, idx, weight, bias, eps)
 
 
 def scatter_weighted_add(x, idx, update, w, kernels="triton"):
-    """x with rows idx replaced by x[b, idx] + w[..., None] * update; gradients for x, update and w."""
+    """x with rows idx replaced by x[b, idx] + w[..., None] * update; gradients for x, update, w."""
     if use_triton(x, kernels):
         return ScatterWeightedAdd.apply(x, idx, update, w)
     return scatter_weighted_add_reference(x, idx, update, w)

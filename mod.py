@@ -14,67 +14,52 @@ squash it with a sigmoid so the scale stays bounded (the auxiliary loss reads si
 The paper's router is w . x_i with no bias; ours keeps one (router.py says why).
 
 Top-k over the sequence peeks at the future, so sampling decides token by token instead
-(routing_mode "causal"): route iff sigmoid(r_i) > 0.5, with the router trained towards the
-top-k choice by BCE (causal_method "aux_loss"), or iff a small predictor MLP, trained by BCE on
-a stop-gradient copy of the router's input, says so (causal_method "predictor"). The router,
-the predictor and their loss live in router.py; this file keeps the block logic, one method per
+(routing_mode "causal"):
+
+    routed_i = sigmoid(r_i) > 0.5            causal_method "aux_loss": BCE(r_i, top-k member)
+    routed_i = sigmoid(p(x_i)) > 0.5         causal_method "predictor": p reads stop_grad(x_i)
+
+The routers and their loss live in router.py; this file keeps the block logic, one method per
 mode: forward_topk (training), forward_causal (a whole sequence, token-by-token decisions) and
 decode (new tokens against a KV cache).
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
 import kernels
-from model import GPT, KVCache, attention_flops, block_matmul_params
-from router import (CausalPredictor, DepthRouter, add_rows_, capacity_to_k, expert_choice_topk, indices_to_mask,
-                    pack_mask, threshold_route, topk_bce_loss)
+from model import GPT, KVCache, RowKVCache, attention_flops, block_matmul_params, copy_weights
+from router import (CausalPredictor, DepthRouter, add_rows_, capacity_to_k, expert_choice_topk,
+                    flat_rows, indices_to_mask, pack_mask, threshold_route, topk_bce_loss)
 
 
 @dataclass
 class MoDConfig:
-    capacity: float = 0.125  # C: fraction of each sequence a routed block processes (the paper's best)
-    route_every: int = 2  # blocks route_every-1, 2*route_every-1, ... route: with 2, blocks 1, 3, 5, ...
-    # aux_loss by default: no extra weights, and the number that scales the update is the one that
-    # decides at sampling time; "predictor" leaves the LM objective untouched instead
-    causal_method: str = "aux_loss"  # aux_loss | predictor: what decides routing token by token
+    capacity: float = 0.125  # C: share of each sequence a routed block processes (paper's best)
+    route_every: int = 2  # blocks route_every-1, 2*route_every-1, ... route: with 2, 1, 3, 5, ...
+    causal_method: str = "aux_loss"  # aux_loss | predictor: what decides token by token
     aux_loss_coef: float = 0.1  # weight of BCE(sigmoid(r), top-k membership) on the router
-    predictor_coef: float = 1.0  # weight of the predictor's BCE (it cannot reach the LM, so only its speed)
-    # torch by default: the fused kernels have never been timed on a GPU (README: estimate on paper)
-    kernels: str = "torch"  # torch | triton: fused gather+ln_1 and weighted scatter (kernels.py) on GPUs
+    predictor_coef: float = 1.0  # weight of the predictor's BCE (sets only its learning speed)
+    kernels: str = "torch"  # torch | triton: fused gather+ln_1 and weighted scatter on GPUs
 
     def __post_init__(self):
         if not 0 < self.capacity <= 1:
             raise ValueError(f"--capacity must be in (0, 1], got {self.capacity}")
         if self.route_every < 1:
-            raise ValueError(f"--route_every must be >= 1 (1 routes every block), got {self.route_every}")
+            raise ValueError(f"--route_every must be >= 1 (1 routes every block), "
+                             f"got {self.route_every}")
         if self.causal_method not in ("aux_loss", "predictor"):
-            raise ValueError(f"--causal_method must be aux_loss or predictor, got {self.causal_method!r}")
+            raise ValueError(f"--causal_method must be aux_loss or predictor, "
+                             f"got {self.causal_method!r}")
         if self.aux_loss_coef < 0:
             raise ValueError(f"--aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.predictor_coef < 0:
             raise ValueError(f"--predictor_coef must be >= 0, got {self.predictor_coef}")
         if self.kernels not in ("triton", "torch"):
             raise ValueError(f"--kernels must be triton or torch, got {self.kernels!r}")
-
-
-class RoutedKVCache:
-    """The KV cache of one routed block: one KVCache per batch row, holding only the tokens that
-    row routed, in their original order (their positions came in with wpe, before the trunk).
-    Rows route different tokens, so their caches differ in length: the block decodes each row on
-    its own rather than padding, since model.py's attention takes no padding mask."""
-
-    def __init__(self):
-        self.rows = {}
-
-    def row(self, b):
-        return self.rows.setdefault(b, KVCache())
-
-    def nbytes(self):
-        return sum(cache.nbytes() for cache in self.rows.values())
 
 
 class RoutedBlock(nn.Module):
@@ -84,18 +69,20 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.block = block
         self.capacity = settings.capacity
-        self.kernel_impl = settings.kernels  # "torch" | "triton" (the kernels module is `kernels`)
+        self.kernel_impl = settings.kernels  # "torch" | "triton" (the module is `kernels`)
         self.router = DepthRouter(n_embd)  # r_i
-        self.predictor = CausalPredictor(n_embd) if settings.causal_method == "predictor" else None
+        with_predictor = settings.causal_method == "predictor"
+        self.predictor = CausalPredictor(n_embd) if with_predictor else None
         self.routed_mask = None  # (B, T) bool: which tokens of the last forward went through
-        self.causal_choice = None  # (B, T) bool: what causal routing chose, for precision and recall
+        self.causal_choice = None  # (B, T) bool: what causal routing chose (precision, recall)
 
-    def routing_weights(self):
+    def router_matmul_params(self):
         """Matmul weights of the router (and predictor): what routing costs every token."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("block.") and p.dim() == 2)
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not name.startswith("block.") and p.dim() == 2)
 
     @staticmethod
-    def router_weight(scores):
+    def update_weight(scores):
         """w_i = sigmoid(r_i), what scales a routed token's update (the paper uses the raw r_i)."""
         return torch.sigmoid(scores)
 
@@ -116,24 +103,25 @@ class RoutedBlock(nn.Module):
         add_rows_'s gradient for x is the incoming gradient itself, where gather/scatter would
         copy and zero full-size tensors in the backward pass."""
         B, T, d = x.shape
-        rows = (idx + T * torch.arange(B, device=x.device).unsqueeze(1)).flatten()  # (B*m,) rows of x
+        rows = flat_rows(idx, T)  # (B*m,)
         flat = x.reshape(B * T, d)
-        x_sub = flat.index_select(0, rows).view(B, -1, d)  # original order: causal attention stays causal
-        weighted = self.router_weight(scores.gather(1, idx)).unsqueeze(-1) * self.block_update(x_sub, cache)
+        x_sub = flat.index_select(0, rows).view(B, -1, d)  # original order: attention stays causal
+        w = self.update_weight(scores.gather(1, idx)).unsqueeze(-1)
+        weighted = w * self.block_update(x_sub, cache)
         if valid is not None:
-            weighted = weighted * valid.unsqueeze(-1)  # padding adds 0: those tokens stay bit for bit
+            weighted = weighted * valid.unsqueeze(-1)  # padding adds 0: stays bit for bit
         return add_rows_(flat.clone(), rows, weighted.reshape(-1, d).to(x.dtype)).view(B, T, d)
 
     def add_update_fused(self, x, scores, idx):
-        """add_update in top-k mode with ln_1 fused into the gather and the weighting into the scatter."""
+        """add_update in top-k mode, ln_1 fused into the gather, the weighting into the scatter."""
         ln_1 = self.block.ln_1
         x_sub, normed = kernels.gather_layernorm(x, idx, ln_1.weight, ln_1.bias, eps=1e-5)
         attn = self.block.attn(normed)
         f = attn + self.block.mlp_update(x_sub + attn)
-        return kernels.scatter_weighted_add(x, idx, f, self.router_weight(scores.gather(1, idx)))
+        return kernels.scatter_weighted_add(x, idx, f, self.update_weight(scores.gather(1, idx)))
 
     def forward(self, x, mode, cache=None):
-        """Returns the new x and the BCE that teaches causal routing (None outside top-k mode)."""
+        """The new x and the BCE that teaches causal routing (None outside top-k mode)."""
         if mode == "topk":
             return self.forward_topk(x)
         if mode == "causal":
@@ -141,7 +129,8 @@ class RoutedBlock(nn.Module):
         raise ValueError(f"routing_mode must be 'topk' or 'causal', got {mode!r}")
 
     def forward_topk(self, x):
-        """Training: the top-k tokens of each sequence go through; the causal logit learns top-k."""
+        """x_i + sigmoid(r_i) f(X_routed)_i for the top-k r_i of each sequence (training); the
+        causal logit learns top-k."""
         scores = self.router(x)  # (B, T)
         logits = self.causal_logits(x, scores)
         idx = expert_choice_topk(scores, capacity_to_k(self.capacity, x.size(1)))  # (B, k)
@@ -153,8 +142,9 @@ class RoutedBlock(nn.Module):
         return self.add_update(x, scores, idx), bce
 
     def forward_causal(self, x):
-        """A whole sequence, each token deciding alone. Rows route different counts: they are
-        packed, padding after the real tokens, so one batched pass serves them all."""
+        """x_i + sigmoid(r_i) f(X_routed)_i where sigmoid(causal logit_i) > 0.5, a whole
+        sequence. Rows route different counts: they are packed, padding after the real tokens,
+        so one batched pass serves them all."""
         scores = self.router(x)
         self.routed_mask = self.causal_choice = threshold_route(self.causal_logits(x, scores))
         if not self.routed_mask.any():
@@ -163,8 +153,8 @@ class RoutedBlock(nn.Module):
         return self.add_update(x, scores, idx, valid)
 
     def decode(self, x, cache):
-        """New tokens against the KV cache, each row on its own: its cache holds only the tokens it
-        routed, and a token that skips the block writes nothing there."""
+        """forward_causal for new tokens against cache (a RowKVCache), each row on its own: its
+        cache holds only the tokens it routed; a token that skips the block writes nothing."""
         scores = self.router(x)
         self.routed_mask = self.causal_choice = threshold_route(self.causal_logits(x, scores))
         rows = []
@@ -178,7 +168,7 @@ class RoutedBlock(nn.Module):
 
 
 def routes(layer, settings):
-    """Whether block `layer` (0-based) is routed: every route_every-th, starting at route_every-1."""
+    """Whether block `layer` (0-based) is routed: every route_every-th from route_every-1."""
     return layer % settings.route_every == settings.route_every - 1
 
 
@@ -191,7 +181,8 @@ class MoDGPT(GPT):
     def __init__(self, config, settings):
         super().__init__(config)
         if not any(routes(i, settings) for i in range(config.n_layer)):
-            raise ValueError(f"--route_every {settings.route_every} routes no block of a {config.n_layer}-layer model")
+            raise ValueError(f"--route_every {settings.route_every} routes no block of a "
+                             f"{config.n_layer}-layer model")
         self.transformer.h = nn.ModuleList(
             RoutedBlock(block, config.n_embd, settings) if routes(i, settings) else block
             for i, block in enumerate(self.transformer.h)
@@ -225,11 +216,14 @@ class MoDGPT(GPT):
     # --- forward -------------------------------------------------------------------------
 
     def new_cache(self):
-        return [RoutedKVCache() if isinstance(b, RoutedBlock) else KVCache() for b in self.transformer.h]
+        """One KVCache per dense block, one RowKVCache per routed one (rows route differently)."""
+        return [RowKVCache() if isinstance(b, RoutedBlock) else KVCache()
+                for b in self.transformer.h]
 
     def forward_trunk(self, x, cache=None):
         if cache is not None and self.routing_mode != "causal":
-            raise ValueError("a KV cache needs routing_mode 'causal': top-k routing looks at future tokens")
+            raise ValueError("a KV cache needs routing_mode 'causal': top-k routing looks at "
+                             "future tokens")
         bces = []
         for i, block in enumerate(self.transformer.h):
             layer_cache = None if cache is None else cache[i]
@@ -271,30 +265,19 @@ class MoDGPT(GPT):
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the blocks each token went through when decoding ran it: the
-        forwards of cached generate() replayed on idx (prefill the prompt's last window, then one
-        position per token, a fresh window once the context is full), so every decision is the
-        one sampling made. Past the first window a token's decision depends on which window it
-        was run in, so one full forward per window would not tell. NaN where a token was never
-        run (the last one, and prompt tokens left of the first window)."""
+        """(B, T) share of the blocks each token went through when decoding ran it: the forwards
+        of cached generate() replayed on idx (generation_forward), so every decision is the one
+        sampling made; past the first window a token's decision depends on the window it was
+        run in. NaN where a token was never run (the last one, prompt tokens left of the window)."""
         B, T = idx.shape
         depth = torch.full((B, T), float("nan"))
         cache, seen = None, 0
         with self.routing("causal"):
             for n in range(prompt_len, T):  # the forward that chose token n
-                if seen >= self.config.block_size:
-                    cache, seen = None, 0  # what generate() does when the window is full
-                if cache is None:
-                    start = max(0, n - self.config.block_size)
-                    cache = self.new_cache()
-                    self(idx[:, start:n], cache=cache)
-                    seen = n - start
-                else:
-                    start = n - 1
-                    self(idx[:, start:n], cache=cache, pos_offset=seen)
-                    seen += 1
+                _, cache, seen = self.generation_forward(idx[:, :n], cache, seen)
                 skipped = sum((~b.routed_mask).float() for b in self.routed_blocks().values())
-                ran = 1 - skipped.cpu() / self.config.n_layer  # (B, n - start)
+                ran = 1 - skipped.cpu() / self.config.n_layer  # (B, tokens that forward ran)
+                start = n - ran.size(1)
                 depth[:, start:n] = torch.where(depth[:, start:n].isnan(), ran, depth[:, start:n])
         return depth
 
@@ -310,25 +293,56 @@ class MoDGPT(GPT):
         flops = 6 * d * self.config.vocab_size  # LM head
         for block in self.transformer.h:
             if isinstance(block, RoutedBlock):
-                flops += c * 6 * block_matmul_params(d) + c * c * attention_flops(d, T) + 6 * block.routing_weights()
+                flops += (c * 6 * block_matmul_params(d) + c * c * attention_flops(d, T)
+                          + 6 * block.router_matmul_params())
             else:
                 flops += 6 * block_matmul_params(d) + attention_flops(d, T)
         return flops
 
     def flop_ceiling(self, seq_len=None):
-        """The most a MoD step can speed up over a same-dims GPT: baseline FLOPs / MoD FLOPs."""
+        """The most a MoD step can speed up over a same-dims GPT: GPT FLOPs / MoD FLOPs."""
         return GPT.flops_per_token(self, seq_len) / self.flops_per_token(seq_len)
+
+    # --- what bench.py measures ---------------------------------------------------------
+
+    @classmethod
+    def decode_settings(cls, settings):
+        """Decoding speed depends on how many tokens the routers send through: four capacities."""
+        return {f" C={c}": replace(settings, capacity=c) for c in (0.125, 0.25, 0.5, 1.0)}
+
+    @torch.no_grad()
+    def set_untrained_routing(self, seed):
+        """Set each routed block's router bias so that causal routing sends about `capacity` of
+        the tokens through: an untrained router routes about half of them whatever C is."""
+
+        def calibrate(block, args):
+            scores = block.router(args[0]).flatten()
+            c = block.capacity
+            cut = torch.quantile(scores, 1 - c) if c < 1 else scores.min() - 1
+            block.router.bias -= cut  # the bias never changes top-k; here it moves the causal cut
+
+        blocks = self.routed_blocks().values()
+        hooks = [block.register_forward_pre_hook(calibrate) for block in blocks]
+        tokens = torch.randint(self.config.vocab_size, (4, self.config.block_size),
+                               generator=torch.Generator().manual_seed(seed))
+        with self.routing("causal"):  # block by block: each sees the routing before it
+            self(tokens.to(self.lm_head.weight.device))
+        for hook in hooks:
+            hook.remove()
+        return self
+
+    def kernel_block(self):
+        """The first routed block, run in top-k (training) mode: what --kernels switches."""
+        block = next(iter(self.routed_blocks().values()))
+        return block, lambda x: block(x, "topk")[0]
 
     # --- from a trained dense model --------------------------------------------------------
 
     @classmethod
     def from_dense(cls, dense, settings):
-        """MoD with the dense model's weights in every block (routed ones wrap them) and fresh routers."""
-        model = cls(dense.config, settings)
-        with torch.no_grad():
-            for name in ("wte", "wpe", "ln_f"):
-                getattr(model.transformer, name).load_state_dict(getattr(dense.transformer, name).state_dict())
-            model.lm_head.load_state_dict(dense.lm_head.state_dict())
-            for mine, theirs in zip(model.transformer.h, dense.transformer.h):
-                (mine.block if isinstance(mine, RoutedBlock) else mine).load_state_dict(theirs.state_dict())
+        """The dense model's weights in every block (routed ones wrap them); fresh routers."""
+        model = cls(replace(dense.config), settings)
+        blocks = [b.block if isinstance(b, RoutedBlock) else b for b in model.transformer.h]
+        copy_weights(zip(model.embeddings_and_head() + blocks,
+                         dense.embeddings_and_head() + list(dense.transformer.h)))
         return model

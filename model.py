@@ -3,27 +3,16 @@ GPT-2 in one file (nanoGPT layout, Hugging Face parameter names).
 
     tokens -> wte + wpe -> [ trunk: n_layer Blocks ] -> ln_f -> lm_head -> logits
 
-Each technique of this repository is a subclass of GPT (a "variant"). The class GPT below
-declares, with GPT-2's own behaviour as the default, every member a variant may override; the
-trainer, the sampler and the benchmark talk to every model only through these:
-
-    __init__(config, settings=None)   settings: the variant's own dataclass of flags
-    from_dense(dense, settings)       classmethod: a variant built from a trained GPT-2
-    starts_from_dense                 True if the variant cannot train from scratch
-    default_train_samples             0, or N: train by epochs over the first N windows of train.bin
-    forward_trunk(x, cache)           the blocks; returns (hidden state, {aux loss name: value})
-    loss_weights                      {aux loss name: coefficient the trainer multiplies it by}
-    evaluate(idx, targets)            metrics of one val batch; 'loss' is the val loss
-    flops_per_token(seq_len)          training FLOPs per token (the convention below)
-    new_cache()                       an empty KV cache for generate; kv_cache_nbytes(cache)
-    depth_per_token(idx, prompt_len)  share of the network each token went through
-    checkpoint_state_dict()           what a checkpoint keeps (all weights, or only the trained ones)
-    ddp_find_unused_parameters        True if some weights may get no gradient in a step
+Each technique of this repository is a subclass of GPT (a "variant"), registered in
+variants.py. The class GPT below holds, as GPT-2's own behaviour, the default of every member
+of the variant contract (variants.CONTRACT lists them, one line each); the trainer, the sampler
+and the benchmark talk to every model only through these.
 
 forward returns (logits, loss, aux). Block exposes its attention and MLP updates separately
 (`attn_update`, `mlp_update`) so that a variant reuses them instead of copying attention.
-(Mixture-of-Modules is the one exception: its tokens take query, key and value from different
-modules, so it projects them itself and calls the same scaled_dot_product_attention.)
+Mixture-of-Modules projects query, key and value itself (its tokens take them from different
+modules) and calls the same `causal_attention`. Generation is one loop, `GPT.generate`; a
+variant changes what one step runs through `generation_forward`.
 """
 
 import math
@@ -76,6 +65,48 @@ class KVCache:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
+class RowKVCache:
+    """One KVCache per batch row, for a layer whose rows keep different tokens (routing)."""
+
+    def __init__(self):
+        self.rows = {}  # row -> KVCache, made when the row first writes
+
+    def row(self, r):
+        return self.rows.setdefault(r, KVCache())
+
+    def nbytes(self):
+        return sum(cache.nbytes() for cache in self.rows.values())
+
+
+def split_heads(t, n_head):
+    """(N, T, C) -> (N, n_head, T, C // n_head)."""
+    N, T, C = t.shape
+    return t.view(N, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(t):
+    """(N, n_head, T, head_size) -> (N, T, C)."""
+    N, n_head, T, hs = t.shape
+    return t.transpose(1, 2).contiguous().view(N, T, n_head * hs)
+
+
+def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(head_size), causal) v for qkv (N, T, 3C) -> (N, T, C). With a
+    cache, the T tokens are the newest: they attend to every cached key and causally to
+    each other, and their keys and values are appended."""
+    T = qkv.size(1)
+    q, k, v = (split_heads(t, n_head) for t in qkv.chunk(3, dim=2))
+    past = 0 if cache is None else len(cache)
+    if cache is not None:
+        k, v = cache.append(k, v)
+    mask = None  # no cache: is_causal; one new token may see every key: no mask at all
+    if past and T > 1:  # several new tokens after a cached prefix: causal within the new ones
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(diagonal=past)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                       dropout_p=dropout_p)
+    return merge_heads(y)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -87,26 +118,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cache=None):
-        """x: (B, T, C). With a cache, x holds the newest T tokens and attends to all cached ones."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
-        if cache is not None:
-            past = len(cache)
-            k, v = cache.append(k, v)
-        if past == 0:
-            mask, is_causal = None, True
-        elif T == 1:
-            mask, is_causal = None, False  # one new token may see everything before it
-        else:  # several new tokens after a cached prefix: causal within the new ones
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        """x: (B, T, C). With a cache, x holds the newest T tokens and attends to all cached."""
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(self.c_attn(x), self.n_head, cache, dropout_p)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -154,10 +168,30 @@ def attention_flops(n_embd, n_keys):
     return 12 * n_embd * n_keys
 
 
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token id per row from the last position's logits (B, 1, V): greedy at temperature 0,
+    else a draw from softmax(logits / temperature) over the top_k most likely."""
+    logits = logits[:, -1, :] / max(temperature, 1e-8)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+def copy_weights(pairs):
+    """Every from_dense's one idiom: load each (target, source) module pair's weights, which
+    have the same layout (a dense block into a routed one's block, a layer into a pool)."""
+    with torch.no_grad():
+        for target, source in pairs:
+            target.load_state_dict(source.state_dict())
+
+
 class GPT(nn.Module):
     starts_from_dense = False  # plain GPT-2 trains from scratch
-    default_train_samples = 0  # training windows: 0 = random windows from all of train.bin
     ddp_find_unused_parameters = False  # every weight gets a gradient in every step
+    loss_weights = {}  # name of an aux loss -> coefficient; plain GPT-2 has none
 
     def __init__(self, config, settings=None):
         super().__init__()
@@ -167,16 +201,19 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=self.make_blocks(config),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        self.loss_weights = {}  # name of an aux loss -> coefficient; plain GPT-2 has none
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def make_blocks(self, config):
+        """transformer.h: n_layer Blocks (a variant whose trunk is no stack of blocks: none)."""
+        return nn.ModuleList([Block(config) for _ in range(config.n_layer)])
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -190,6 +227,15 @@ class GPT(nn.Module):
     def from_dense(cls, dense, settings=None):
         """The variant built from a trained GPT-2; for GPT-2 itself, the model as it is."""
         return dense
+
+    @classmethod
+    def train_defaults(cls, cfg):
+        """{training flag: value} this variant changes from train.py's defaults, given the run's
+        TrainConfig (e.g. its batch size); a flag the user gives still wins. GPT-2: none."""
+        return {}
+    def embeddings_and_head(self):
+        """The modules every variant shares with GPT-2 around its trunk (for from_dense)."""
+        return [self.transformer.wte, self.transformer.wpe, self.transformer.ln_f, self.lm_head]
 
     def checkpoint_state_dict(self):
         """The tensors a checkpoint keeps: all of them here."""
@@ -220,18 +266,29 @@ class GPT(nn.Module):
         device = idx.device
         b, t = idx.size()
         if pos_offset + t > self.config.block_size:
-            raise ValueError(f"sequence of length {pos_offset + t} exceeds block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {pos_offset + t} exceeds block_size "
+                             f"{self.config.block_size}")
         pos = torch.arange(pos_offset, pos_offset + t, dtype=torch.long, device=device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         x, aux = self.forward_trunk(x, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss, aux
+
+    def training_loss(self, lm_loss, aux):
+        """What a training step minimises: lm_loss + sum of loss_weights[name] * aux[name]."""
+        unweighted = aux.keys() - self.loss_weights.keys()
+        if unweighted:
+            name = sorted(unweighted)[0]
+            raise ValueError(f"{type(self).__name__}.forward_trunk returns the aux loss {name!r}, "
+                             f"which its loss_weights has no coefficient for: add it there")
+        return lm_loss + sum(self.loss_weights[k] * v for k, v in aux.items())
 
     @torch.no_grad()
     def evaluate(self, idx, targets):
@@ -248,6 +305,11 @@ class GPT(nn.Module):
         d, L = self.config.n_embd, self.config.n_layer
         per_block = 6 * block_matmul_params(d) + attention_flops(d, T)
         return L * per_block + 6 * d * self.config.vocab_size
+
+    def step_flops_per_token(self, seq_len=None):
+        """Training FLOPs per token of the routing the last forward took (bench.py's rows); a
+        variant whose cost depends on its routers' choices counts those."""
+        return self.flops_per_token(seq_len)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation, as a fraction of peak_flops (default: A100 bf16)."""
@@ -274,50 +336,65 @@ class GPT(nn.Module):
     # --- generation ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, cache=None):
-        """Sample max_new_tokens after idx (B, T). With the cache, the prompt is run once and
-        each new token costs one position; without it, the whole window is recomputed.
-        Pass an empty `cache` (from new_cache) to inspect it afterwards; if the text outgrows
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
+                 cache=None):
+        """Sample max_new_tokens after idx (B, T), one generation_forward per token. Pass an
+        empty `cache` (from new_cache) to inspect it afterwards; once the text outgrows
         block_size, generation restarts on a fresh cache that holds the last window."""
         seen = 0  # tokens the cache holds
         for _ in range(max_new_tokens):
-            if use_cache and seen >= self.config.block_size:
-                cache, seen = None, 0  # the window slid past the context: start a fresh cache
-            if use_cache and seen > 0:
-                logits, _, _ = self(idx[:, -1:], cache=cache, pos_offset=seen)
-                seen += 1
-            else:  # no cache, or the prompt: run the last block_size tokens in full
-                if use_cache and cache is None:
-                    cache = self.new_cache()
-                idx_cond = idx[:, -self.config.block_size:]
-                logits, _, _ = self(idx_cond, cache=cache if use_cache else None)
-                seen = idx_cond.size(1) if use_cache else 0
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            logits, cache, seen = self.generation_forward(idx, cache, seen, use_cache)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
+
+    # --- what bench.py measures ---------------------------------------------------------
+
+    @classmethod
+    def decode_settings(cls, settings):
+        """{row label suffix: settings} that bench.py --decode times, one row each."""
+        return {"": settings}
+
+    def set_untrained_routing(self, seed):
+        """Make untrained routers route as the settings say (bench.py times untrained models)."""
+        return self
+
+    def kernel_block(self):
+        """(module, run(x) -> output) whose kernels the settings' `kernels` flag switches, for
+        bench.py --compare_kernels; None: no such kernels."""
+        return None
+    def generation_forward(self, idx, cache, seen, use_cache=True):
+        """The forward that predicts the token after idx: (last logits, cache, tokens it holds).
+        With the cache, the prompt (or, once the window slides past block_size, the last
+        window) runs once on a fresh cache and each new token costs one position; without it,
+        the last block_size tokens are recomputed. A variant with per-prompt state (decisions
+        made on the prompt) overrides this: it is the one place generation's window lives."""
+        window = idx[:, -self.config.block_size:]
+        if not use_cache:
+            return self(window)[0], None, 0
+        if 0 < seen < self.config.block_size:
+            return self(idx[:, -1:], cache=cache, pos_offset=seen)[0], cache, seen + 1
+        if cache is None or seen > 0:  # the first step without a cache, or the window slid
+            cache = self.new_cache()
+        return self(window, cache=cache)[0], cache, window.size(1)
 
     # --- what generation used (sample.py --show_depth) -----------------------------------
 
     def kv_cache_nbytes(self, cache):
         """Bytes of keys and values a cache holds (a subclass's cache may count its own)."""
-        return cache.nbytes() if hasattr(cache, "nbytes") else sum(layer.nbytes() for layer in cache)
+        if hasattr(cache, "nbytes"):
+            return cache.nbytes()
+        return sum(layer.nbytes() for layer in cache)
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):
-        """(B, T) fraction of the network's sublayers each token went through: all of them here."""
+        """(B, T) share of the network's sublayers each token went through: all of them here."""
         return torch.ones(idx.shape, dtype=torch.float32)
 
     def context_windows(self, idx):
-        """idx (B, T) cut into consecutive block_size windows: how a depth view reads text longer
-        than the context, one forward per window."""
-        return [idx[:, start:start + self.config.block_size] for start in range(0, idx.size(1), self.config.block_size)]
+        """idx (B, T) cut into consecutive block_size windows: how a depth view reads text
+        longer than the context, one forward per window."""
+        size = self.config.block_size
+        return [idx[:, start:start + size] for start in range(0, idx.size(1), size)]
 
     # --- pretrained GPT-2 ----------------------------------------------------------------
 
@@ -331,14 +408,17 @@ class GPT(nn.Module):
         config, state_dict = read_gpt2(name_or_path, cache_dir, base_url)
         model = cls(GPTConfig(**{**config, "dropout": dropout}))
         sd = model.state_dict()
-        missing = [k for k in sd if k not in state_dict and k != "lm_head.weight"]  # the head is tied to wte
+        # the head is tied to wte
+        missing = [k for k in sd if k not in state_dict and k != "lm_head.weight"]
         unexpected = [k for k in state_dict if k not in sd]
         if missing or unexpected:
-            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint ({len(missing)} tensors missing, "
-                             f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]})")
+            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint ({len(missing)} tensors "
+                             f"missing, {len(unexpected)} unexpected, "
+                             f"e.g. {(missing + unexpected)[0]})")
         with torch.no_grad():
             for k, v in state_dict.items():
                 if v.shape != sd[k].shape:
-                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, the model wants {tuple(sd[k].shape)}")
+                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(v.shape)}, "
+                                     f"the model wants {tuple(sd[k].shape)}")
                 sd[k].copy_(v)
         return model

@@ -104,12 +104,20 @@ def pack_mask(mask):
     Row b lists its chosen positions in ascending order, then pads with unchosen ones; valid
     marks the real entries. The padding sits after every real entry, so causal attention over
     the packed sequence never lets a real token see it: no attention mask is needed. (Used by
-    MoD's causal mode and by MoM.)"""
+    MoD's causal mode, MindSkip's token gates and MoM.)"""
     counts = mask.sum(dim=1, keepdim=True)  # (B, 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # chosen first, each group in order
+    # chosen first, each group in order
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     m = int(counts.max())
     valid = torch.arange(m, device=mask.device) < counts
     return order[:, :m], valid
+
+
+def flat_rows(positions, seq_len):
+    """Positions (B, m) within each row of x (B, T, d) -> (B*m,) rows of x.view(B*T, d): how
+    routed tokens are picked with one index_select, and put back with one index_copy."""
+    offsets = seq_len * torch.arange(positions.size(0), device=positions.device)
+    return (positions + offsets[:, None]).flatten()
 
 
 class AddRows(torch.autograd.Function):
@@ -143,7 +151,7 @@ def straight_through_gate(logits, threshold=0.5):
     backward pass (straight-through estimator)."""
     soft = torch.sigmoid(logits)
     hard = (soft >= threshold).to(soft.dtype)
-    return hard + (soft - soft.detach())  # exactly `hard` forward; (hard + soft) - soft can be off by an ulp
+    return hard + (soft - soft.detach())  # exactly `hard` forward; (hard + soft) - soft may not be
 
 
 class MindSkipGate(nn.Module):
@@ -185,7 +193,8 @@ def capacity_penalty(gates, target_capacity):
 
 def gate_sum_sparsity(gates_per_layer):
     """The official code's sparsity term: sum over gated layers of the mean gate (weighted by
-    its gradient_scale). It has no target: it pushes every gate shut, the LM loss holds them open."""
+    its gradient_scale). It has no target: it pushes every gate shut, the LM loss holds them
+    open."""
     return sum(g.mean() for g in gates_per_layer)
 
 
@@ -258,4 +267,48 @@ class ModuleRouter(nn.Module):
             self.step_bias[h, m] = math.log(prob / (1 - prob) * (n - 1)) * self.temperature
 
     def matmul_params(self):
-        return sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and name != "step_bias")
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if p.dim() == 2 and name != "step_bias")
+
+
+# --- Mixture-of-Modules: choices in module order -----------------------------------------
+# A choice is one (token, rank k) pair, numbered (b * T + t) * K + k. Sorting the non-SKIP
+# choices by module puts each module's tokens side by side: one gather feeds every module.
+
+def sort_choices_by_module(chosen, n_modules):
+    """chosen (B, T, K) module ids -> the non-SKIP choices (S,) sorted by module (one argsort)
+    and how many each module got (Python ints)."""
+    ids = chosen.reshape(-1)
+    order = ids.argsort(stable=True)  # SKIP (= n_modules) sorts last
+    counts = torch.bincount(ids, minlength=n_modules + 1)[:n_modules].tolist()
+    return order[:sum(counts)], counts
+
+
+def by_module(pool, rows, counts, fn):
+    """fn(module, its contiguous slice of rows) for every chosen module, concatenated in module
+    order. One split, whose backward joins the slices' gradients with one cat (indexing would
+    write each module's gradient into a zero tensor of all the rows)."""
+    outs = [fn(module, part) for module, part in zip(pool, rows.split(counts)) if len(part)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def add_by_module(x, pool, rows, counts, probs, chosen, choices, fn):
+    """x + sum_k p_jk * fn(module of choice k of token j), SKIP adding nothing: each module runs
+    on its slice of rows (module order) and add_rows_ adds its weighted outputs at its tokens,
+    all into one copy of x, whose gradient passes through untouched."""
+    K = chosen.size(-1)
+    weight = probs.gather(-1, chosen).reshape(-1).index_select(0, choices)[:, None]
+    new_x = x.reshape(-1, x.size(-1)).clone()
+    token = choices // K
+    parts = zip(pool, rows.split(counts), weight.split(counts), token.split(counts))
+    for module, part, p, at in parts:
+        if len(part):  # add_rows_: a module's tokens never repeat
+            add_rows_(new_x, at, (p * fn(module, part)).to(x.dtype))
+    return new_x.view_as(x)
+
+
+def to_token_order(rows, chosen, choices):
+    """Rows in module order (S, D) -> (B, T, K, D) by token and rank, zeros for SKIP."""
+    B, T, K = chosen.shape
+    full = rows.new_zeros(B * T * K, rows.size(-1)).index_copy(0, choices, rows)
+    return full.view(B, T, K, -1)

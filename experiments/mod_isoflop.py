@@ -103,8 +103,8 @@ def step_seconds(step, steps, device):
     """Seconds per step over `steps` steps: on a CPU the CPU time of this thread, which is the
     wall time on an idle machine and what a busy one disturbs least; on a GPU the wall time."""
     if device != "cpu":
-        import bench
-        return bench.median_seconds(step, steps, device)
+        from benchmarks.timing import median_seconds
+        return median_seconds(step, steps, device)
     start = time.thread_time()
     for _ in range(steps):
         step()
@@ -113,18 +113,21 @@ def step_seconds(step, steps, device):
 
 def time_steps(flags_by_name, rounds, steps):
     """{name: (median ms, spread)} of a training step of each model, timed side by side: bench.py's
-    step (forward, backward, train.py's AdamW), rounds interleaved (bench.interleaved), one
+    step (forward, backward, train.py's AdamW), rounds interleaved (benchmarks.timing), one
     thread on a CPU."""
     import torch
     import bench
     import train
+    from benchmarks.timing import interleaved, median_and_spread
+    from benchmarks.training import training_step
+    from checkpoint import pick_device
     threads = torch.get_num_threads()
     models = {}
     for name, flags in flags_by_name.items():
         cfg, settings, _ = train.parse_args(kit.flag_list(flags))
         models[name] = train.build_model(cfg, settings)
     flags = next(iter(flags_by_name.values()))
-    device = "cpu" if flags.get("device") == "cpu" else bench.pick_device("auto")
+    device = "cpu" if flags.get("device") == "cpu" else pick_device("auto")
     if device == "cpu":
         torch.set_num_threads(1)  # as the runs (kit.run_all)
     cfg = bench.BenchConfig(batch_size=flags["batch_size"], block_size=flags["block_size"],
@@ -132,10 +135,10 @@ def time_steps(flags_by_name, rounds, steps):
     autocast = torch.autocast(device.split(":")[0], enabled=False)
     runs = {}
     for name, model in models.items():
-        step = bench.training_step(model.to(device), cfg, device, autocast)[0]
+        step = training_step(model.to(device), cfg, device, autocast)[0]
         step(), step()  # warm up
         runs[name] = lambda step=step: step_seconds(step, steps, device)
-    result = {name: bench.median_and_spread(r) for name, r in bench.interleaved(runs, cfg).items()}
+    result = {name: median_and_spread(r) for name, r in interleaved(runs, rounds).items()}
     torch.set_num_threads(threads)
     return {name: (1000 * sec, spread) for name, (sec, spread) in result.items()}
 

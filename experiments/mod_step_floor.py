@@ -57,6 +57,7 @@ def dense_blocks_step(config, n_blocks, batch_size, k):
 def steps_of(n_layer, n_head, n_embd, preset):
     """{name: one training step} for the baseline, MoD and MoD's parts; MoD's model."""
     import bench
+    from benchmarks.training import build, training_step
     from model import GPTConfig
     cfg, settings = bench.parse_args(["--variants=baseline,mod", *MOD_FLAGS, "--vocab_size=65",
                                       f"--batch_size={preset['batch_size']}",
@@ -66,14 +67,14 @@ def steps_of(n_layer, n_head, n_embd, preset):
     def config(layers):
         return GPTConfig(block_size=cfg.block_size, vocab_size=65, n_layer=layers,
                          n_head=n_head, n_embd=n_embd)
-    mod = bench.build("mod", settings["mod"], config(n_layer), cfg.seed)
+    mod = build("mod", settings["mod"], config(n_layer), cfg.seed)
     routed = len(mod.routed_blocks())
     k = round(settings["mod"].capacity * cfg.block_size)
     def baseline(layers):
-        return bench.build("baseline", None, config(layers), cfg.seed)
-    steps = {"baseline": bench.training_step(baseline(n_layer), cfg, "cpu", off)[0],
-             "mod": bench.training_step(mod, cfg, "cpu", off)[0],
-             "unrouted part": bench.training_step(baseline(n_layer - routed), cfg, "cpu", off)[0],
+        return build("baseline", None, config(layers), cfg.seed)
+    steps = {"baseline": training_step(baseline(n_layer), cfg, "cpu", off)[0],
+             "mod": training_step(mod, cfg, "cpu", off)[0],
+             "unrouted part": training_step(baseline(n_layer - routed), cfg, "cpu", off)[0],
              "routed blocks on k tokens": dense_blocks_step(config(n_layer), routed,
                                                             cfg.batch_size, k)}
     return steps, mod

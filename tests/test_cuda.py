@@ -20,10 +20,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402  (after the skip: nothing below runs without a GPU)
 from model import GPT, GPTConfig  # noqa: E402
 
-try:
-    from variants import VARIANTS  # noqa: E402
-except ImportError:  # the registry's older home
-    from checkpoint import VARIANTS  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 DEVICE = "cuda"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

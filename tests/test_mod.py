@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, attention_flops, block_matmul_params
-from mod import MoDConfig, MoDGPT, RoutedKVCache
+from mod import MoDConfig, MoDGPT
+from model import GPT, GPTConfig, RowKVCache, attention_flops, block_matmul_params
 from router import add_rows_
 
 CONFIG = dict(block_size=32, vocab_size=40, n_layer=4, n_head=2, n_embd=32)
@@ -216,7 +216,7 @@ def test_token_by_token_cached_decoding_equals_the_full_causal_forward():
     assert any(not m[:, :5].all() for m in routed_full.values())  # some prompt tokens were skipped
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
     for i, routed in routed_full.items():  # a routed block caches exactly the tokens it routed
-        assert isinstance(cache[i], RoutedKVCache)
+        assert isinstance(cache[i], RowKVCache)
         assert [len(cache[i].row(b)) for b in range(3)] == routed.sum(dim=1).tolist()
         assert len(set(routed.sum(dim=1).tolist())) > 1  # rows of the batch differ
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, RowKVCache
 from mom import MoMConfig, MoMGPT
 from router import switch_balance_loss
 
@@ -270,7 +270,9 @@ def test_cached_decoding_matches_the_full_forward(K, assembly, layout, n_layer, 
     kept = sum(mom.kept(r)[0].sum().item() for r in mom.last_routing)
     total = sum(r["attn"].numel() for r in mom.last_routing)
     assert 0 < kept < total  # the routing saw SKIPs
-    routed_keys = sum(len(c) for steps in cache.steps for caches in steps for c in caches)
+    step_caches = [c for chunk in cache.steps for c in chunk]  # RowKVCache (per_module), KVCache
+    routed_keys = sum(sum(map(len, c.rows.values())) if isinstance(c, RowKVCache) else len(c)
+                      for c in step_caches)
     if assembly == "per_module":  # a SKIP wrote nothing: the cache holds exactly the non-SKIP choices
         assert routed_keys == kept
     else:  # official: one cache per step for the batch, every token a key (zeros for SKIP)

@@ -8,6 +8,8 @@ import torch
 
 import bench
 import checkpoint
+from benchmarks.profiling import profile_shares
+from benchmarks.timing import warn_if_noisy
 import sample
 import train
 from conftest import tiny_flags
@@ -102,10 +104,10 @@ def test_bench_counts_the_flops_of_the_routing_a_mom_step_took_not_its_no_skip_c
 
 
 def test_bench_warns_when_the_rounds_spread_by_more_than_ten_percent(capsys):
-    bench.warn_if_noisy({"baseline": 0.02, "mod": 0.31})
+    warn_if_noisy({"baseline": 0.02, "mod": 0.31})
     out = capsys.readouterr().out
     assert "machine is noisy" in out and "31%" in out and "(mod)" in out
-    bench.warn_if_noisy({"baseline": 0.02, "mod": 0.05})
+    warn_if_noisy({"baseline": 0.02, "mod": 0.05})
     assert capsys.readouterr().out == ""
 
 
@@ -119,7 +121,7 @@ def test_bench_decodes_mod_at_four_capacities_with_routers_set_to_route_that_sha
     kv = [int(rows[f"mod C={c}"]["kv_bytes"]) for c in capacities]
     assert kv == sorted(kv) and kv[0] < kv[-1] == int(rows["baseline"]["kv_bytes"])  # C = 1 caches every token
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)
-    model = bench.route_share(MoDGPT(config, MoDConfig(capacity=0.25)), 0.25, seed=0)
+    model = MoDGPT(config, MoDConfig(capacity=0.25)).set_untrained_routing(seed=0)
     with torch.no_grad(), model.routing("causal"):
         model(torch.randint(64, (8, 32), generator=torch.Generator().manual_seed(5)))
     assert model.routed_blocks()[1].routed_mask.float().mean().item() == pytest.approx(0.25, abs=0.1)
@@ -160,8 +162,8 @@ def test_bench_measures_trained_checkpoints_on_their_val_set(dataset, tmp_path, 
 
 def test_profile_shares_put_each_op_under_its_kind():
     a, b, index = torch.randn(256, 256), torch.randn(256, 256), torch.randint(256, (4096,))
-    matmul, _, calls = bench.profile_shares(lambda: a @ b)
-    gather, top, _ = bench.profile_shares(lambda: a.index_select(0, index))
+    matmul, _, calls = profile_shares(lambda: a @ b)
+    gather, top, _ = profile_shares(lambda: a.index_select(0, index))
     assert matmul["matmul"] > 0.8 and gather["moving rows"] > 0.8 and "aten::index_select" in top
     assert sum(matmul.values()) == pytest.approx(1) and sum(gather.values()) == pytest.approx(1) and calls == 1
 

@@ -16,6 +16,8 @@ import torch
 import checkpoint
 import train
 from conftest import tiny_flags
+from model import GPT
+from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +151,9 @@ def test_checkpoint_loads_with_weights_only_and_rebuilds_the_model(dataset, tmp_
 
 
 def test_each_variant_has_its_own_default_out_dir():
-    assert {v: train.parse_args([f"--variant={v}"])[0].out_dir for v in train.VARIANTS} == {
-        "baseline": "out", "mod": "out-mod", "mom": "out-mom", "router_tuning": "out-router_tuning"}
+    out_dirs = {v: train.parse_args([f"--variant={v}"])[0].out_dir for v in VARIANTS}
+    assert out_dirs == {v: "out" if cls is GPT else f"out-{v}" for v, (cls, _) in VARIANTS.items()}
+    assert out_dirs["baseline"] == "out" and out_dirs["mod"] == "out-mod"
 
 
 def test_a_new_run_refuses_a_folder_holding_a_checkpoint_unless_told_to_overwrite(dataset, tmp_path, capsys):
@@ -221,6 +224,33 @@ def test_config_file_sets_flags(tmp_path):
     assert (cfg.n_layer, cfg.max_iters, cfg.n_head) == (1, 0, 1) and given == {"n_layer", "max_iters", "n_head"}
 
 
+def test_router_tuning_defaults_to_the_papers_recipe_and_flags_still_win():
+    """One epoch over its 1,000 tuning windows, 3% warmup, cosine decay to 0."""
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--init_from=base"])
+    assert (cfg.train_samples, cfg.max_iters, cfg.lr_decay_iters) == (1000, 84, 84)  # 1000 / 12
+    assert (cfg.warmup_iters, cfg.min_lr) == (3, 0.0)
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--batch_size=25",
+                                  "--gradient_accumulation_steps=2", "--train_samples=400"])
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (8, 8, 1)
+    cfg, _, _ = train.parse_args(["--variant=router_tuning", "--max_iters=5", "--min_lr=1e-4"])
+    assert (cfg.max_iters, cfg.min_lr, cfg.lr_decay_iters) == (5, 1e-4, 84)
+    cfg, _, _ = train.parse_args(["--variant=mod"])
+    assert (cfg.max_iters, cfg.min_lr, cfg.train_samples) == (2000, 1e-4, 0)  # train.py's own
+
+
+def test_router_tuning_prints_its_defaults_and_runs_one_epoch(dataset, tmp_path, capsys):
+    train.main(tiny_flags(dataset, tmp_path / "base", max_iters=2))
+    capsys.readouterr()
+    flags = tiny_flags(dataset, tmp_path / "tuned", variant="router_tuning",
+                       init_from=tmp_path / "base", train_samples=40)
+    flags = [f for f in flags if not f.startswith(("--max_iters", "--lr_decay_iters"))]
+    train.main(flags)
+    out = capsys.readouterr().out
+    assert "--variant router_tuning sets its own defaults" in out
+    assert "--max_iters=10" in out  # 40 windows / batch 4
+    assert torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)["iter_num"] == 10
+
+
 def test_router_tuning_trains_one_epoch_over_its_samples_without_replacement(dataset):
     batches = train.Batches(dataset, 16, 4, "cpu", seed=0, samples=10)
     epoch = torch.cat([batches.offsets("train", 4) for _ in range(2)] + [batches.offsets("train", 2)])
@@ -249,12 +279,12 @@ def run_ddp(argv, out_dir, processes):
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("variant", ["baseline", "mod", "mom", "router_tuning"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(dataset, tmp_path, variant):
     common = tiny_flags(dataset, None, max_iters=3, dropout=0.0, gradient_accumulation_steps=2, variant=variant,
                         eval_interval=3)
     common = [f for f in common if not f.startswith("--out_dir")]
-    if variant == "router_tuning":
+    if VARIANTS[variant][0].starts_from_dense:  # tuned on a trained dense model
         train.main(tiny_flags(dataset, tmp_path / "base", max_iters=2, n_layer=4, dropout=0.0))
         common = [f for f in common if not f.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
         common += [f"--init_from={tmp_path / 'base'}", "--learning_rate=0.05"]

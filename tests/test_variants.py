@@ -4,12 +4,17 @@ tokens of recomputation, and later tokens never change earlier logits."""
 import pytest
 import torch
 
-from mindskip import MindSkipConfig, MindSkipGPT
-from mod import MoDConfig, MoDGPT
 from model import GPT, GPTConfig
-from mom import MoMConfig, MoMGPT
+from variants import VARIANTS
 
 CONFIG = GPTConfig(block_size=24, vocab_size=40, n_layer=4, n_head=2, n_embd=32, dropout=0.0)
+
+# every registered variant at its default settings, and a few settings worth checking too
+CASES = {name: (name, {}) for name in VARIANTS}
+CASES.update({"mod_every_block": ("mod", dict(capacity=0.5, route_every=1)),
+              "mom_two_per_step": ("mom", dict(modules_per_step=2)),
+              "router_tuning_token": ("router_tuning", dict(router_level="token"))})
+READS_WHOLE_SEQUENCE = {"router_tuning"}  # one gate per sequence, decided on the prompt
 
 
 def spread(model, std, seed):
@@ -22,43 +27,40 @@ def spread(model, std, seed):
     return model.eval()
 
 
-def build(variant):
+def build(case):
+    """The case's model with spread random weights, built as train.py builds it."""
+    name, overrides = CASES[case]
+    cls, settings_cls = VARIANTS[name]
+    settings = settings_cls(**overrides) if settings_cls else None
     torch.manual_seed(0)
-    if variant == "baseline":
-        return spread(GPT(CONFIG), 0.3, 1)
-    if variant == "mod":
-        return spread(MoDGPT(CONFIG, MoDConfig(capacity=0.5, route_every=1)), 0.3, 1)
-    if variant == "mom":
-        return spread(MoMGPT(CONFIG, MoMConfig(modules_per_step=2)), 0.3, 1)
-    level = variant.removeprefix("router_tuning_")
-    return spread(MindSkipGPT.from_dense(GPT(CONFIG), MindSkipConfig(router_level=level, skip_layers="1,2")), 0.3, 1)
-
-
-ALL = ["baseline", "mod", "mom", "router_tuning_sequence", "router_tuning_token"]
+    dense = cls.starts_from_dense
+    model = cls.from_dense(GPT(CONFIG), settings) if dense else cls(CONFIG, settings)
+    return spread(model, 0.3, 1)
 
 
 def all_logits(model, idx):
-    """Logits at every position, as generation would compute them (MoD: causal routing)."""
-    if isinstance(model, MoDGPT):
+    """Logits at every position, as generation would compute them (a model with a routing
+    mode, MoD, routes causally when generating)."""
+    if hasattr(model, "routing"):
         with model.routing("causal"):
             return model(idx, idx)[0]
     return model(idx, idx)[0]
 
 
-@pytest.mark.parametrize("variant", ALL)
-def test_cached_greedy_generation_gives_the_tokens_of_recomputation(variant):
-    model = build(variant)
+@pytest.mark.parametrize("case", CASES)
+def test_cached_greedy_generation_gives_the_tokens_of_recomputation(case):
+    model = build(case)
     prompt = torch.randint(CONFIG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
     cached = model.generate(prompt, 10, temperature=0, use_cache=True)
     uncached = model.generate(prompt, 10, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("variant", [v for v in ALL if v != "router_tuning_sequence"])
-def test_changing_future_tokens_never_changes_earlier_logits(variant):
+@pytest.mark.parametrize("case", [c for c in CASES if c not in READS_WHOLE_SEQUENCE])
+def test_changing_future_tokens_never_changes_earlier_logits(case):
     """(A sequence-level gate reads the whole sequence by design; generation decides it on the
     prompt, which the test above checks.)"""
-    model = build(variant)
+    model = build(case)
     a = torch.randint(CONFIG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     b = a.clone()
     b[:, 12:] = (b[:, 12:] + 1) % CONFIG.vocab_size
