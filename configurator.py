@@ -45,7 +45,8 @@ def parse_value(text, field):
             raise ValueError
         return kind(text)
     except ValueError:
-        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            kind, kind.__name__)
         fail(f"--{field.name} expects {wanted}, got {text!r}")
 
 
@@ -59,7 +60,9 @@ def read_config_file(path):
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        one_name = (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name))
+        if not one_name:
             fail(f"{path}:{node.lineno}: config files hold only `key = value` lines")
         try:
             values[node.targets[0].id] = ast.literal_eval(node.value)

@@ -330,7 +330,7 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"
+        fused = device_type in ("cuda", "cpu")  # one kernel per step, not ~10 ops per parameter
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     # --- generation ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from configurator import build, fail, parse_value, read_flags
 
 @dataclass
 class SampleConfig:
-    init_from: str = "resume"  # resume (the checkpoint in out_dir) | a checkpoint path | gpt2 | gpt2-medium | ...
+    init_from: str = "resume"  # resume (out_dir's checkpoint) | a checkpoint | gpt2 | gpt2-xl ...
     out_dir: str = "out"  # the run whose checkpoint --init_from=resume loads
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3  # samples to print, one after the other
@@ -79,7 +79,12 @@ def tokenizer(dataset):
 SHADES = [236, 240, 244, 248, 252, 255]  # ANSI 256-colour greys: darker = less of the network
 
 
-BARS = " ▁▂▃▄▅▆▇█"  # without colour: a bar under each character, taller = more of the network
+BARS = " ▁▂▃▄▅▆▇█"  # without colour: a bar under each character, taller = deeper
+
+
+def level_of(d, levels):
+    """The entry of levels for depth d in [0, 1], or None for NaN (a token never run)."""
+    return None if math.isnan(d) else levels[min(len(levels) - 1, int(d * (len(levels) - 1) + 0.5))]
 
 
 def shade(pieces, depths, colour):
@@ -89,7 +94,7 @@ def shade(pieces, depths, colour):
     if colour:
         out = []
         for piece, d in zip(pieces, depths):
-            level = SHADES[min(len(SHADES) - 1, int(d * (len(SHADES) - 1) + 0.5))] if not math.isnan(d) else None
+            level = level_of(d, SHADES)
             out.append(f"\033[0m{piece}" if level is None else f"\033[38;5;{level}m{piece}")
         return "".join(out) + "\033[0m"
     lines, text, bars = [], "", ""
@@ -100,7 +105,7 @@ def shade(pieces, depths, colour):
                 text, bars = "", ""
             else:
                 text += ch
-                bars += BARS[min(len(BARS) - 1, int(d * (len(BARS) - 1) + 0.5))] if not math.isnan(d) else " "
+                bars += level_of(d, BARS) or " "
     return "\n".join(lines + [text, bars])
 
 
@@ -127,24 +132,30 @@ def main(argv):
         print(f"depth: shallow {legend}\033[0m full")
     for _ in range(cfg.num_samples):
         cache = model.new_cache() if cfg.use_cache else None
-        y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.use_cache, cache)
-        tokens = y[0].tolist()
-        if not cfg.show_depth:
-            print(decode(tokens))
-            print("---------------")
-            continue
-        depths = model.depth_per_token(y, prompt_len=x.size(1))[0].tolist()
-        print(shade([decode([t]) for t in tokens], depths, colour))
-        generated = [d for d in depths[x.size(1):] if not math.isnan(d)]  # NaN: never run
-        print(f"mean depth per generated token: {sum(generated) / max(1, len(generated)):.3f} of the network")
-        if cache is not None:
-            held = min(len(tokens) - 1, model.config.block_size)  # the last token was never run
-            c = model.config
-            dense = 2 * c.n_layer * held * c.n_embd * next(model.parameters()).element_size()
-            used = model.kv_cache_nbytes(cache)
-            print(f"KV cache: {used / 1024:.1f} KiB vs {dense / 1024:.1f} KiB for a dense model of the same "
-                  f"dims ({used / dense:.2f}x)")
+        y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                           cfg.use_cache, cache)
+        if cfg.show_depth:
+            show_depth(model, y, x.size(1), cache, decode, colour)
+        else:
+            print(decode(y[0].tolist()))
         print("---------------")
+
+
+def show_depth(model, y, prompt_len, cache, decode, colour):
+    """The sample shaded by depth, its mean depth, and its KV cache against a dense model's."""
+    tokens = y[0].tolist()
+    depths = model.depth_per_token(y, prompt_len=prompt_len)[0].tolist()
+    print(shade([decode([t]) for t in tokens], depths, colour))
+    generated = [d for d in depths[prompt_len:] if not math.isnan(d)]  # NaN: never run
+    mean = sum(generated) / max(1, len(generated))
+    print(f"mean depth per generated token: {mean:.3f} of the network")
+    if cache is not None:
+        held = min(len(tokens) - 1, model.config.block_size)  # the last token was never run
+        c = model.config
+        dense = 2 * c.n_layer * held * c.n_embd * next(model.parameters()).element_size()
+        used = model.kv_cache_nbytes(cache)
+        print(f"KV cache: {used / 1024:.1f} KiB vs {dense / 1024:.1f} KiB for a dense model of "
+              f"the same dims ({used / dense:.2f}x)")
 
 
 if __name__ == "__main__":

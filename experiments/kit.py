@@ -38,8 +38,10 @@ SCRATCH = REPO / "out-experiments"  # git ignores it: the runs, and other preset
 def parse_args(description, presets, argv=None):
     """The flags every experiment script takes. Only --preset cpu writes the published results
     (experiments/results/, assets/); any other preset writes under out-experiments/<preset>/."""
+    from configurator import fail
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # a wrong flag: one line naming it, exit code 2 (not the usage block first)
     p.add_argument("--preset", choices=sorted(presets), default=PUBLISHED,
                    help=f"smoke: seconds, for the tests; {PUBLISHED}: the README's results; "
                         f"gpu: GPT-2 dims (default: {PUBLISHED})")

@@ -59,6 +59,28 @@ def test_isoflop_smoke_writes_one_row_per_run_and_a_png(dataset, scratch, capsys
     assert all(float(r["val_loss"]) > 0 and int(r["steps"]) > 0 for r in rows)
     mod_isoflop.main(argv)  # a second call finds every run finished and trains nothing
     assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+    assert all(float(r["train_loss"]) > 0 for r in rows)
+    with open(scratch / "smoke" / "results" / "mod_isoflop_headline.csv") as f:
+        heads = list(csv.DictReader(f))
+    assert [h["mod_eval"] for h in heads] == ["causal", "top-k"]
+    base = min((r for r in rows if r["variant"] == "baseline"), key=lambda r: float(r["val_loss"]))
+    assert all(h["baseline"] == f"L{base['n_layer']}-d{base['n_embd']}" for h in heads)
+    assert all(float(h["best_mod_flops_ratio"]) < 1 and float(h["best_mod_step_time_ratio"]) > 0
+               for h in heads)
+    for h in (h for h in heads if h["matching_mod"]):  # at or below the optimal baseline's loss
+        assert float(h["matching_mod_loss"]) <= float(h["baseline_loss"])
+        assert float(h["matching_mod_step_time_ratio"]) > 0
+
+
+def test_isoflop_refuses_a_budget_below_one_training_step_in_one_line(dataset, scratch, capsys,
+                                                                      monkeypatch):
+    import mod_isoflop
+    monkeypatch.setitem(mod_isoflop.PRESETS["smoke"], "budgets", {1e3: [(2, 2, 16)]})
+    with pytest.raises(SystemExit) as stop:
+        run_smoke(mod_isoflop, dataset, scratch)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "budget 1000 FLOPs" in err
+    assert not (scratch / "smoke").exists()  # nothing written
 
 
 def test_capacity_smoke_has_a_row_per_capacity_and_frequency_plus_the_baseline(dataset, scratch):
@@ -130,3 +152,22 @@ def test_mom_routing_smoke_draws_which_module_each_token_took(dataset, scratch):
     assert len(rows) == 1 and rows[0]["run"] == "two-stage-mom-fresh-routers"
     skips = [float(v) for k, v in rows[0].items() if k.endswith("_skip")]
     assert len(skips) == 2 * 2 and all(0 <= s <= 1 for s in skips)  # 2 pools x H = 2 steps in the smoke preset
+
+
+def test_an_unknown_preset_is_refused_in_one_line(capsys):
+    import mod_isoflop
+    with pytest.raises(SystemExit) as stop:
+        mod_isoflop.main(["--preset=nope"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--preset" in err
+
+
+def test_step_floor_smoke_splits_the_mod_step_and_scores_it_against_its_ceiling(dataset, scratch):
+    import mod_step_floor
+    rows, _ = run_smoke(mod_step_floor, dataset, scratch)
+    assert [r["size"] for r in rows] == ["L2-d16"]
+    row = {k: float(v) for k, v in rows[0].items() if k != "size"}
+    assert all(row[f"{part}_ms"] > 0 for part in ("baseline", "mod", "unrouted", "routed"))
+    assert row["flop_ceiling"] > 1  # a routed block costs less than a dense one
+    assert row["of_ceiling"] == pytest.approx(row["baseline_ms"] / row["mod_ms"] / row["flop_ceiling"])
+    assert row["needed_ms"] * 0.85 * row["flop_ceiling"] == pytest.approx(row["baseline_ms"])
