@@ -39,7 +39,8 @@ PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
     # nothing). 21 runs, one thread each (README: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {1.5e11: CPU_SIZES[:5], 3e11: CPU_SIZES[1:], 6e11: CPU_SIZES[1:5]},
+            "budgets": {1.5e11: CPU_SIZES[:5], 3e11: CPU_SIZES[1:], 6e11: CPU_SIZES[1:5],
+                        1.2e12: CPU_SIZES[2:] + [(3, 3, 96)]},
             "timing": (9, 10),
             "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000,
                           device="cpu", compile=False)},
