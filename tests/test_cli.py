@@ -16,8 +16,8 @@ import bench
 import configurator
 import sample
 import train
-from checkpoint import VARIANTS
 from conftest import tiny_flags
+from variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))  # the scripts import their helper module `kit` as run from there
