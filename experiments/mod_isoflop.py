@@ -34,10 +34,10 @@ PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
               "timing": (1, 1),
               "train": dict(block_size=16, batch_size=4, eval_iters=1, log_interval=1000,
                             device="cpu")},
-    # tiny char-level models, 1 x 8 to 2 x 64 wide: around each budget's optimum, a size below it
+    # tiny char-level models, 1 x 8 to 3 x 96 wide: around each budget's optimum, a size below it
     # and one above, not more (the small ones are the dear ones: many thousand steps whose time is
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
-    # nothing). 21 runs, one thread each (README: time)
+    # nothing). 30 runs, one thread each (docs/mod.md: time)
     "cpu": {"dataset": "shakespeare_char",
             "budgets": {1.5e11: CPU_SIZES[:5], 3e11: CPU_SIZES[1:], 6e11: CPU_SIZES[1:5],
                         1.2e12: CPU_SIZES[2:] + [(3, 3, 96)]},
