@@ -37,7 +37,6 @@ from train_config import DTYPES, TrainConfig, parse_args, resume_settings
 from variants import VARIANTS
 
 # --- model -----------------------------------------------------------------------------------
-
 def build_model(cfg, settings):
     """The model to train: from scratch, or a variant built from a trained dense model."""
     cls, _ = VARIANTS[cfg.variant]
@@ -77,7 +76,6 @@ def all_finite(model):
 
 
 # --- training --------------------------------------------------------------------------------
-
 def learning_rate(cfg, it):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
     if not cfg.decay_lr:
