@@ -225,7 +225,7 @@ def transformers_generate(dims, device):
 
 def our_generate(name, dims, device):
     """generate() of a variant, set up to route as it is measured (module docstring)."""
-    model = build(name, dims).to(device).eval().set_untrained_routing(seed=1)  # MoD: C routed
+    model = build(name, dims).to(device).eval().calibrate_untrained(seed=1)  # MoD: C routed
 
     def generate(prompt, n):
         cache = None

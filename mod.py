@@ -311,7 +311,7 @@ class MoDGPT(GPT):
         return {f" C={c}": replace(settings, capacity=c) for c in (0.125, 0.25, 0.5, 1.0)}
 
     @torch.no_grad()
-    def set_untrained_routing(self, seed):
+    def calibrate_untrained(self, seed):
         """Set each routed block's router bias so that causal routing sends about `capacity` of
         the tokens through: an untrained router routes about half of them whatever C is."""
 

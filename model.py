@@ -66,7 +66,7 @@ class KVCache:
 
 
 class RowKVCache:
-    """One KVCache per batch row, for a layer whose rows keep different tokens (routing)."""
+    """One KVCache per batch row, for a layer whose rows keep different numbers of tokens."""
 
     def __init__(self):
         self.rows = {}  # row -> KVCache, made when the row first writes
@@ -182,7 +182,7 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 def copy_weights(pairs):
     """Every from_dense's one idiom: load each (target, source) module pair's weights, which
-    have the same layout (a dense block into a routed one's block, a layer into a pool)."""
+    have the same layout (a block into another model's block of the same dims)."""
     with torch.no_grad():
         for target, source in pairs:
             target.load_state_dict(source.state_dict())
@@ -307,8 +307,8 @@ class GPT(nn.Module):
         return L * per_block + 6 * d * self.config.vocab_size
 
     def step_flops_per_token(self, seq_len=None):
-        """Training FLOPs per token of the routing the last forward took (bench.py's rows); a
-        variant whose cost depends on its routers' choices counts those."""
+        """Training FLOPs per token of the computation the last forward did (bench.py's rows);
+        GPT-2 does the same every forward, a variant whose cost varies counts what it ran."""
         return self.flops_per_token(seq_len)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=312e12):
@@ -354,8 +354,9 @@ class GPT(nn.Module):
         """{row label suffix: settings} that bench.py --decode times, one row each."""
         return {"": settings}
 
-    def set_untrained_routing(self, seed):
-        """Make untrained routers route as the settings say (bench.py times untrained models)."""
+    def calibrate_untrained(self, seed):
+        """Make an untrained model behave as its settings say before bench.py times it; GPT-2:
+        nothing to do."""
         return self
 
     def kernel_block(self):

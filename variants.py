@@ -38,7 +38,7 @@ CONTRACT = {  # member: what it returns or means (the default on GPT: GPT-2's be
     "checkpoint_state_dict": "(): the tensors a checkpoint keeps",
     "ddp_find_unused_parameters": "True if a weight may get no gradient in a step",
     "decode_settings": "classmethod (settings): {row label: settings} bench --decode times",
-    "set_untrained_routing": "(seed): make untrained routers route as their settings say",
+    "calibrate_untrained": "(seed): an untrained model made to act as its settings say",
     "kernel_block": "(): (module, run(x)) whose kernels --kernels switches, or None",
 }
 

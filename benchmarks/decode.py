@@ -61,7 +61,7 @@ def decode_models(cfg, settings, config, device):
     for name, vs in settings.items():
         for label, row_settings in VARIANTS[name][0].decode_settings(vs).items():
             model = build(name, row_settings, config, cfg.seed).to(device)
-            models[name + label] = model.set_untrained_routing(cfg.seed).eval()
+            models[name + label] = model.calibrate_untrained(cfg.seed).eval()
     return models
 
 

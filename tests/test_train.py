@@ -193,7 +193,7 @@ def test_a_crafted_meta_pickle_cannot_run_code(dataset, tmp_path, capsys):
 
 
 def test_gpt2_weights_from_a_safetensors_file_or_folder_start_a_run(dataset, tmp_path, capsys):
-    from test_model import tiny_hf_gpt2, write_checkpoint
+    from test_gpt2_weights import tiny_hf_gpt2, write_checkpoint
     folder = write_checkpoint(tmp_path / "gpt2", tiny_hf_gpt2())
     for source in (folder, folder / "model.safetensors"):
         out = tmp_path / f"from-{source.name}"
