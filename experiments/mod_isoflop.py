@@ -28,6 +28,8 @@ NAME = "mod_isoflop"
 MOD = {"variant": "mod", "capacity": 0.125, "route_every": 2}
 # (layers, heads, width): depth, heads and width grown together
 CPU_SIZES = [(1, 1, 8), (1, 1, 16), (1, 1, 32), (2, 2, 32), (2, 2, 48), (2, 2, 64)]
+# two 2-layer sizes below L2-d32 at every budget: MoD (2 layers at least) gets a valley of its own
+NARROW_2_LAYER = [(2, 2, 16), (2, 2, 24)]
 PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # timing: (rounds, steps per round) of the side-by-side step times
     "smoke": {"dataset": "shakespeare_char", "budgets": {2e8: [(2, 2, 16), (2, 2, 32)]},
@@ -37,10 +39,11 @@ PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # tiny char-level models, 1 x 8 to 3 x 96 wide: around each budget's optimum, a size below it
     # and one above, not more (the small ones are the dear ones: many thousand steps whose time is
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
-    # nothing). 30 runs, one thread each (docs/mod.md: time)
+    # nothing). 46 runs, one thread each (docs/mod.md: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {1.5e11: CPU_SIZES[:5], 3e11: CPU_SIZES[1:], 6e11: CPU_SIZES[1:5],
-                        1.2e12: CPU_SIZES[2:] + [(3, 3, 96)]},
+            "budgets": {1.5e11: CPU_SIZES[:5] + NARROW_2_LAYER, 3e11: CPU_SIZES[1:] + NARROW_2_LAYER,
+                        6e11: CPU_SIZES[1:5] + NARROW_2_LAYER,
+                        1.2e12: CPU_SIZES[2:] + [(3, 3, 96)] + NARROW_2_LAYER},
             "timing": (9, 10),
             "train": dict(block_size=64, batch_size=12, eval_iters=20, log_interval=1000,
                           device="cpu", compile=False)},
@@ -177,20 +180,25 @@ def headline(rows, flags_by_name, preset):
 
 
 def draw_isoflop(ax, rows, kind, colors):
-    """Loss (val or train) against non-embedding parameters, one color per budget."""
+    """Loss (val or train) against non-embedding parameters, one color per budget; the baseline's
+    1-layer and deeper models as two lines (joined, the shapes would zigzag), one star each curve."""
+    curves = (("baseline", f"{kind}_loss", "^-", lambda L: L == 1),
+              ("baseline", f"{kind}_loss", "s-", lambda L: L > 1),
+              ("mod", f"{kind}_loss", "o--", lambda L: True),
+              ("mod", f"{kind}_loss_topk", "o:", lambda L: True))
     for j, budget in enumerate(sorted({r["budget"] for r in rows})):
-        for variant, key, style in (("baseline", f"{kind}_loss", "s-"),
-                                    ("mod", f"{kind}_loss", "o--"),
-                                    ("mod", f"{kind}_loss_topk", "o:")):
-            pts = sorted((r["params"], r[key]) for r in rows
-                         if r["budget"] == budget and r["variant"] == variant and key in r)
-            if not pts:
-                continue
-            mode = " top-k" if key.endswith("topk") else (" causal" if variant == "mod" else "")
-            ax.plot(*zip(*pts), style, color=colors[j], label=f"{variant}{mode}, {budget:g}",
-                    alpha=0.45 if ":" in style else 1.0, markersize=4)
+        mine = [r for r in rows if r["budget"] == budget]
+        for variant, key, style, depth in curves:
+            pts = sorted((r["params"], r[key]) for r in mine
+                         if r["variant"] == variant and key in r and depth(r["n_layer"]))
+            if pts:
+                ax.plot(*zip(*pts), style, color=colors[j], alpha=0.45 if ":" in style else 1.0,
+                        markersize=4)
+        for variant, key in (("baseline", f"{kind}_loss"), ("mod", f"{kind}_loss"),
+                             ("mod", f"{kind}_loss_topk")):
+            pts = [(r["params"], r[key]) for r in mine if r["variant"] == variant and key in r]
             ax.plot(*min(pts, key=lambda p: p[1]), "*", color=colors[j], markersize=13,
-                    markeredgecolor="black", markeredgewidth=0.5)
+                    markeredgecolor="black", markeredgewidth=0.5, alpha=0.45 if "topk" in key else 1)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel(f"{kind} loss")
@@ -226,7 +234,15 @@ def draw(rows, heads, runs_by_name, path):
     draw_isoflop(axes[0], rows, "val", colors)
     draw_isoflop(axes[1], rows, "train", colors)
     draw_wall_clock(axes[2], heads, runs_by_name, rows, colors)
-    axes[0].legend(fontsize=6, ncol=2)
+    from matplotlib.lines import Line2D
+    budgets = sorted({r["budget"] for r in rows})
+    keys = [Line2D([], [], color=colors[j], lw=4, label=f"{b:g} FLOPs") for j, b in enumerate(budgets)]
+    keys += [Line2D([], [], color="gray", marker=m, ls=ls, markersize=4, label=what)
+             for m, ls, what in (("^", "-", "baseline, 1 layer"), ("s", "-", "baseline, 2-3 layers"),
+                                 ("o", "--", "MoD causal"), ("o", ":", "MoD top-k"))]
+    for ax in axes[:2]:
+        ax.set_ylim(top=ax.get_ylim()[1] + 0.1)  # room for the key
+    axes[0].legend(handles=keys, fontsize=6, ncol=4, loc="upper center")
     axes[2].legend(fontsize=7)
     kit.save_figure(fig, path)
 
