@@ -114,11 +114,12 @@ def test_shakespeare_download_gives_90_10_split_whose_ids_decode_back_to_the_tex
     assert (tmp_path / "input.txt").read_text() == TEXT  # kept, so the next run needs no network
 
 
-def test_shakespeare_checksum_mismatch_exits_with_a_message_and_writes_nothing(server, tmp_path):
+def test_shakespeare_checksum_mismatch_exits_with_a_message_and_writes_nothing(server, tmp_path, capsys):
     server.files["/input.txt"] = TEXT.encode()  # not the real file: its digest differs from SHA256
     with pytest.raises(SystemExit) as exit_info:
         shakespeare.main(["--url", server.url + "/input.txt", "--out_dir", str(tmp_path)])
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
     assert "Checksum mismatch" in message and "--input path/to/input.txt" in message
     assert list(tmp_path.iterdir()) == []
 
@@ -129,7 +130,7 @@ def test_shakespeare_unreachable_server_prints_how_to_supply_the_file_without_a_
     env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
     result = subprocess.run([sys.executable, str(script), "--url", url, "--out_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "--input path/to/input.txt" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -242,10 +243,11 @@ def test_a_server_that_ignores_range_restarts_the_download_from_scratch(server, 
     assert dest.read_bytes() == body
 
 
-def test_openwebtext_missing_subset_exits_naming_the_revision_flag_and_zenodo(server, tmp_path):
+def test_openwebtext_missing_subset_exits_naming_the_revision_flag_and_zenodo(server, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         openwebtext.main(["--subsets", "1", "--revision", "no-such-revision", "--base_url", server.url,
                           "--out_dir", str(tmp_path), "--num_proc", "1"])
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
     assert "404" in message and "--revision" in message and "Zenodo" in message and "3834942" in message
     assert server.seen[0][0].endswith("/resolve/no-such-revision/subsets/urlsf_subset00.tar")

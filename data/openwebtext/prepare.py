@@ -35,6 +35,13 @@ class DownloadError(Exception):
     """A download that failed in a way the user can fix; main prints it without a traceback."""
 
 
+def stop(message):
+    """A user's problem (a failed download, an unreadable file): the message on stderr, exit code
+    2, no traceback (the project's rule for bad input)."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def subset_url(base_url, revision, i):
     return f"{base_url}/datasets/{REPO}/resolve/{revision}/subsets/urlsf_subset{i:02d}.tar"
 
@@ -185,7 +192,7 @@ def main(argv=None):
         prepare(args.out_dir, args.subsets, args.revision, args.base_url.rstrip("/"),
                 args.num_proc, args.val_fraction)
     except DownloadError as e:
-        sys.exit(str(e))
+        stop(str(e))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ class DownloadError(Exception):
     """A download that failed in a way the user can fix; main prints it without a traceback."""
 
 
+def stop(message):
+    """A user's problem (a failed download, an unreadable file): the message on stderr, exit code
+    2, no traceback (the project's rule for bad input)."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def offline_hint(reason):
     return (f"{reason}\nCould not get Tiny Shakespeare. Without internet here, fetch input.txt "
             f"elsewhere ({URL}) and run:\n"
@@ -105,12 +112,12 @@ def main(argv=None):
             try:
                 download(args.url, path, SHA256)
             except DownloadError as e:
-                sys.exit(str(e))
+                stop(str(e))
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        sys.exit(f"Cannot read {path}: {e}")
+        stop(f"Cannot read {path}: {e}")
     prepare(text, args.out_dir)
 
 
