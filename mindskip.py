@@ -35,7 +35,8 @@ import torch.nn as nn
 from model import GPT, KVCache, RowKVCache, attention_flops, block_matmul_params, copy_weights
 from router import MindSkipGate, capacity_penalty, flat_rows, gate_sum_sparsity, pack_mask
 
-RECENT_INPUTS = 1024  # router inputs kept per gated layer for the offset: ~the default tuning set
+RECENT_INPUTS = 1024  # router inputs kept per gated layer (a ring, saved with the routers)
+RECENT_STEPS = 16  # the offset reads the last 16 steps' inputs: older ones saw other gates below
 TUNED_BUFFERS = ("score_offset", "recent_inputs", "recent_count")  # saved with the routers
 
 
@@ -273,23 +274,26 @@ class MindSkipGPT(GPT):
         routers open exactly target_capacity of the gates on the ring (all gated layers
         together, so the routers still choose which layers and rows stay open). Like
         BatchNorm's running statistics it follows the training batches, frozen in eval mode."""
-        if self.pending_inputs:
-            self.push_to_ring(torch.cat(self.pending_inputs, dim=1))
-            self.pending_inputs = []
-        filled = min(int(self.recent_count), RECENT_INPUTS)
-        if filled == 0:  # no tuning forward has recorded (or the settings never record)
+        if not self.pending_inputs:  # no tuning forward has recorded (or the settings never record)
             return
+        rows_per_step = self.push_to_ring(torch.cat(self.pending_inputs, dim=1))
+        self.pending_inputs = []
+        # the newest inputs only: a layer above a gate read what that gate's decision gave it then
+        recent = min(int(self.recent_count), RECENT_INPUTS, RECENT_STEPS * rows_per_step)
+        newest = (self.recent_count - 1 - torch.arange(recent, device=self.recent_count.device))
         # quantile calibration on the recent inputs: exact for the current routers, no gain to
         # tune (a running correction of b lagged behind routers that still move)
         weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
-        scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, :filled], weights).flatten()
+        scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS],
+                              weights).flatten()
         threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
         boundary = torch.quantile(scores, 1 - self.settings.target_capacity,
                                   interpolation="midpoint")  # the target share scores above it
         self.score_offset.fill_(threshold - boundary)
 
     def push_to_ring(self, kept):
-        """kept (layers, rows, d) into the ring of recent inputs, every process's alike."""
+        """kept (layers, rows, d) into the ring of recent inputs, every process's alike; returns
+        how many rows went in."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [torch.empty_like(kept) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(parts, kept)
@@ -298,6 +302,7 @@ class MindSkipGPT(GPT):
         where = self.recent_count + torch.arange(kept.size(1), device=kept.device)
         self.recent_inputs[:, where % RECENT_INPUTS] = kept
         self.recent_count += kept.size(1)
+        return kept.size(1)
 
     # --- forward: inference --------------------------------------------------------------------
 

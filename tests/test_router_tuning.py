@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mindskip import TUNED_BUFFERS, MindSkipGPT
+from mindskip import RECENT_STEPS, TUNED_BUFFERS, MindSkipGPT
 from model import attention_flops
 from test_mindskip import LEVELS, ROUTED, SKIPS, TINY, all_logits, dense_gpt, mindskip, record_gates, split_the_gates, tokens
 
@@ -195,6 +195,23 @@ def test_score_offset_opens_the_target_share_of_every_micro_batch_of_the_step_to
     model(idx[4:])
     opt.step()
     assert model.recent_count.item() == 8
+    model.eval()(idx)
+    assert model.last_capacity.item() == 0.25
+
+
+def test_score_offset_reads_only_the_last_recent_steps_inputs():
+    """Inputs older than RECENT_STEPS steps are stale (a layer above a gate read what that gate
+    decided then), so they must not move the offset: after many steps on other text, RECENT_STEPS
+    steps on idx leave the offset opening exactly the target share of idx's gates."""
+    idx, other = tokens(9, 8, 16), tokens(10, 8, 16)
+    model = mindskip(dense_gpt(), target_capacity=0.25, skip_layers="1")
+    model = split_the_gates(model, idx).train()
+    opt = frozen_router_optimizer(model)
+    with torch.no_grad():
+        for batch in [other] * 40 + [idx] * RECENT_STEPS:
+            model(batch)
+            opt.step()
+    assert model.recent_count.item() == 8 * (40 + RECENT_STEPS)  # the ring holds other's rows too
     model.eval()(idx)
     assert model.last_capacity.item() == 0.25
 
