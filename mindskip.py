@@ -19,8 +19,8 @@ Router-tuning freezes every weight of the trained model and trains only the rout
     loss = LM loss + lambda * sum over gated layers of mean(g)       --sparsity official
 
 With --sparsity target, one offset b is added to every score, and after each tuning step b
-is set so that the current routers open exactly the target share of the gates on the last
-1,024 inputs they read (this project's; the paper's routers have neither a bias nor a target).
+is set so that the current routers open exactly the target share of the gates on the inputs
+of the last 16 steps (this project's; the paper's routers have neither a bias nor a target).
 While tuning, a closed gate's sublayer is still computed (times 0), so the LM loss reaches it
 straight-through. Zero routers give sigmoid(0) = 0.5: tuning starts from the dense model.
 """
@@ -123,8 +123,7 @@ class MindSkipGPT(GPT):
         self.loss_weights = {"sparsity": settings.sparsity_coef}
         # added to every gate's score; follows the target while tuning (step_score_offset)
         self.register_buffer("score_offset", torch.zeros(()))
-        # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written;
-        # buffers, so that resuming continues with them
+        # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written
         ring = torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd)
         self.register_buffer("recent_inputs", ring)
         self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
@@ -263,37 +262,33 @@ class MindSkipGPT(GPT):
         n = rows[0].size(0)
         # a prime stride spreads the sample over rows and positions, the count moves it each step;
         # tensor arithmetic only, so a compiled forward stays one graph
-        step = torch.arange(min(n, RECENT_INPUTS // 16), device=rows[0].device) * 7919
+        step = torch.arange(min(n, RECENT_INPUTS // RECENT_STEPS), device=rows[0].device) * 7919
         take = (step + self.recent_count) % n
         self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()
     def step_score_offset(self):
         """After every optimizer step (configure_optimizers' hook): the step's router inputs (of
-        every process, in micro-batch order) go into the ring, then b is set so that the current
-        routers open exactly target_capacity of the gates on the ring (all gated layers
-        together, so the routers still choose which layers and rows stay open). Like
-        BatchNorm's running statistics it follows the training batches, frozen in eval mode."""
-        if not self.pending_inputs:  # no tuning forward has recorded (or the settings never record)
+        every process) go into the ring, and b is set so that the current routers open exactly
+        target_capacity of the gates on the last RECENT_STEPS steps' inputs, all gated layers
+        together (so the routers still choose which stay open). Frozen in eval, like BatchNorm."""
+        if not self.pending_inputs:  # no tuning forward recorded (or the settings never record)
             return
         rows_per_step = self.push_to_ring(torch.cat(self.pending_inputs, dim=1))
         self.pending_inputs = []
-        # the newest inputs only: a layer above a gate read what that gate's decision gave it then
         recent = min(int(self.recent_count), RECENT_INPUTS, RECENT_STEPS * rows_per_step)
         newest = (self.recent_count - 1 - torch.arange(recent, device=self.recent_count.device))
-        # quantile calibration on the recent inputs: exact for the current routers, no gain to
-        # tune (a running correction of b lagged behind routers that still move)
+        # quantile calibration: exact for the current routers, no gain to tune (a running
+        # correction of b lagged behind routers that still move)
         weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
-        scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS],
-                              weights).flatten()
+        scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS], weights)
         threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
-        boundary = torch.quantile(scores, 1 - self.settings.target_capacity,
+        boundary = torch.quantile(scores.flatten(), 1 - self.settings.target_capacity,
                                   interpolation="midpoint")  # the target share scores above it
         self.score_offset.fill_(threshold - boundary)
 
     def push_to_ring(self, kept):
-        """kept (layers, rows, d) into the ring of recent inputs, every process's alike; returns
-        how many rows went in."""
+        """kept (layers, rows, d) into the ring, every process's alike; returns its row count."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [torch.empty_like(kept) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(parts, kept)
