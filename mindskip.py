@@ -276,10 +276,10 @@ class MindSkipGPT(GPT):
             return
         rows_per_step = self.push_to_ring(torch.cat(self.pending_inputs, dim=1))
         self.pending_inputs = []
-        recent = min(int(self.recent_count), RECENT_INPUTS, RECENT_STEPS * rows_per_step)
-        newest = (self.recent_count - 1 - torch.arange(recent, device=self.recent_count.device))
-        # quantile calibration: exact for the current routers, no gain to tune (a running
-        # correction of b lagged behind routers that still move)
+        count = int(self.recent_count)
+        recent = min(count, RECENT_INPUTS, RECENT_STEPS * rows_per_step)
+        newest = torch.arange(count - recent, count, device=self.score_offset.device)
+        # a quantile: exact for the current routers (a running correction of b lagged behind them)
         weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
         scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS], weights)
         threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))

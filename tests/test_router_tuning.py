@@ -222,8 +222,8 @@ def test_a_short_fast_tuning_with_few_gates_per_step_ends_at_the_target(target, 
     """One gated layer, 32 sequences a step, 50 steps at a high learning rate: the routers move
     the scores of every gate together from step to step, faster than a running correction of
     the offset can follow; the offset scored on the recent inputs by the current routers
-    follows them exactly. (The offset reads RECENT_STEPS steps: 512 sequences here, so that
-    its quantile is within about 0.02 of the held-out one; 16 a step put one case at 0.052.)"""
+    follows them exactly. (The offset reads RECENT_STEPS steps, 512 sequences here: its
+    quantile's sampling error, about 0.02, stays under the tolerance.)"""
     model = mindskip(dense_gpt(), skip_layers="2", target_capacity=target, router_level=level)
     tune(model, steps=50, batch=32, learning_rate=3e-2)
     held_out = tokens(998, 4096, 16)  # many, so that sampling moves the share by under 0.01
