@@ -9,7 +9,6 @@ not exist and a run past the time limit all count as failures. While the exercis
 one) is still stripped, other tests of the suite fail too: it prints which ones to expect.
 """
 
-import argparse
 import os
 import signal
 import subprocess

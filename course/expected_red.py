@@ -66,12 +66,26 @@ def summarise(passed, checks):
     return red
 
 
+def table_row(ex):
+    """The exercise's row of the table in course/INSTRUCTORS.md, read from its expected_red list:
+    each file with how many of its entries are listed, or `all` for the whole file."""
+    counts, whole = collections.Counter(), set()
+    for node in ex["expected_red"]:
+        path = node.split("::")[0].removeprefix("tests/")
+        counts[path] += 1
+        if "::" not in node:
+            whole.add(path)
+    cells = [f"{path} ({'all' if path in whole else counts[path]})" for path in sorted(counts)]
+    return f"| {ex['id']} | {', '.join(cells)} |"
+
+
 def main(ids):
     exercises = make.load()
     for ex_id in ids:
         ex = exercises[ex_id]
         red = summarise(red_tests(ex), set(ex["checks"]))
         print(f"# {ex_id}\nexpected_red = [\n" + "".join(f'    "{n}",\n' for n in red) + "]")
+        print(f"# its row in course/INSTRUCTORS.md:\n# {table_row(dict(ex, expected_red=red))}")
 
 
 if __name__ == "__main__":

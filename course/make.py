@@ -19,7 +19,6 @@ stops the tool with an error: the kit never drifts silently from the code it is 
 
 import argparse
 import ast
-import os
 import shutil
 import subprocess
 import sys
@@ -29,9 +28,9 @@ from pathlib import Path
 KIT = Path(__file__).resolve().parent
 ROOT = KIT.parent
 EXERCISES = KIT / "exercises.toml"
-FIELDS = ("id", "unit", "minutes", "title", "targets", "checks", "expected_red", "mistakes")
-# the answers, and the kit's own test (it needs the real code)
-NOT_IN_HANDOUT = ("course/INSTRUCTORS.md", "tests/test_course.py")
+FIELDS = ("id", "unit", "minutes", "title", "targets", "checks", "expected_red")
+# the answers, and the kit's own test (it needs the real code): never in a student's copy
+KIT_ONLY = ("course/INSTRUCTORS.md", "tests/test_course.py")
 
 
 class KitError(Exception):
@@ -45,7 +44,8 @@ def marker(exercise_id):
 # --- the list of exercises ---------------------------------------------------------------------
 
 def load(path=EXERCISES):
-    """{id: exercise dict}, in the file's order, every field present."""
+    """{id: exercise dict}, in the file's order, every field present (`mistakes` is left out of
+    a student's copy of the file)."""
     with open(path, "rb") as f:
         kit = tomllib.load(f)
     exercises = {}
@@ -55,8 +55,7 @@ def load(path=EXERCISES):
             raise KitError(f"{path.name}: exercise {ex.get('id', '?')} lacks {', '.join(missing)}")
         if ex["id"] in exercises:
             raise KitError(f"{path.name}: exercise {ex['id']} is listed twice")
-        if not ex["mistakes"]:
-            raise KitError(f"{path.name}: exercise {ex['id']} lists no mistake")
+        ex.setdefault("mistakes", [])
         exercises[ex["id"]] = ex
     return exercises
 
@@ -212,6 +211,31 @@ def copy_repo(root, out, leave_out=()):
         shutil.copy2(root / rel, out / rel)
 
 
+def without_mistakes(toml_text):
+    """exercises.toml for a student's copy: every [[exercise.mistakes]] table left out, so that
+    a planted mistake cannot be looked up."""
+    kept, in_mistake = [], False
+    for line in toml_text.split("\n"):
+        if line.startswith("[[") or line.startswith("# ---"):
+            in_mistake = line.strip() == "[[exercise.mistakes]]"
+        if not in_mistake:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def student_copy(out, files, exercises_file):
+    """A copy of the repo for students: files written in, the kit's answers and the mistakes
+    left out, and the exercise list it was made from too when that lies inside the repo."""
+    leave_out = set(KIT_ONLY)
+    if exercises_file.resolve().is_relative_to(ROOT):
+        leave_out.add(str(exercises_file.resolve().relative_to(ROOT)))
+    copy_repo(ROOT, out, leave_out)
+    files = dict(files)
+    files.setdefault("course/exercises.toml", EXERCISES.read_text())
+    files["course/exercises.toml"] = without_mistakes(files["course/exercises.toml"])
+    write(out, files)
+
+
 def write(out, files):
     for rel, text in files.items():
         Path(out, rel).write_text(text)
@@ -239,20 +263,17 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def handout(exercises, out):
-    files = stripped_files(ROOT, exercises.values())
-    copy_repo(ROOT, out, leave_out=NOT_IN_HANDOUT)
-    write(out, files)
+def handout(exercises, out, exercises_file):
+    student_copy(out, stripped_files(ROOT, exercises.values()), exercises_file)
     print(f"{out}: every exercise stripped ({len(exercises)}); start with course/README.md")
 
 
-def one_exercise(exercises, ex_id, out, mistake=None):
+def one_exercise(exercises, ex_id, out, exercises_file, mistake=None):
     if ex_id not in exercises:
         raise KitError(f"no exercise {ex_id!r}; `python course/make.py --list` lists them")
     ex = exercises[ex_id]
     files = mistake_files(ROOT, ex, mistake) if mistake else stripped_files(ROOT, [ex])
-    copy_repo(ROOT, out)
-    write(out, files)
+    student_copy(out, files, exercises_file)
     what = f"mistake {mistake} planted" if mistake else "stripped"
     print(f"{out}: exercise {ex_id} {what}; next: cd {out} && python course/check.py {ex_id}")
 
@@ -265,9 +286,9 @@ def main(argv=None):
             for ex in exercises.values():
                 print(f"unit {ex['unit']}  {ex['id']:<22} {ex['minutes']:>3} min  {ex['title']}")
         elif args.handout and not (args.id or args.out or args.mistake):
-            handout(exercises, args.handout)
+            handout(exercises, args.handout, Path(args.exercises))
         elif args.id and args.out and not args.handout:
-            one_exercise(exercises, args.id, args.out, args.mistake)
+            one_exercise(exercises, args.id, args.out, Path(args.exercises), args.mistake)
         else:
             raise KitError("give an exercise id and --out DIR, or --handout DIR alone, or --list")
         return 0

@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "course"))
 import check  # noqa: E402
+import expected_red  # noqa: E402
 import make  # noqa: E402
 
 EXERCISES = make.load()
@@ -123,18 +124,52 @@ def test_every_exercise_has_a_page_and_a_place_in_the_course_readme():
         page = ROOT / "course" / "exercises" / f"{ex_id}.md"
         assert page.is_file(), f"{page} is missing"
         assert f"`{ex_id}`" in readme, f"course/README.md never names {ex_id}"
-        assert ex["minutes"] > 0 and ex["checks"] and ex["expected_red"] is not None, ex_id
+        assert ex["minutes"] > 0 and ex["checks"] and ex["mistakes"], ex_id
+
+
+def test_the_course_pages_name_the_exercises_in_the_order_they_are_worked():
+    """A later exercise's checks may need an earlier one's code: the pages must not invert them."""
+    readme = (ROOT / "course" / "README.md").read_text()
+    unit_map = (ROOT / "course" / "INSTRUCTORS.md").read_text().split("## Unit map")[1]
+    for page, text, mark in (("README.md", readme, "`{}`"), ("INSTRUCTORS.md", unit_map, "{} (")):
+        first = sorted(EXERCISES, key=lambda ex_id: text.index(mark.format(ex_id)))
+        assert first == list(EXERCISES), f"course/{page} names them as {first}"
+
+
+def test_the_expected_red_table_for_instructors_is_the_lists_of_exercises_toml():
+    text = (ROOT / "course" / "INSTRUCTORS.md").read_text()
+    for ex in EXERCISES.values():
+        row = expected_red.table_row(ex)
+        assert row in text, f"course/INSTRUCTORS.md: the row of {ex['id']} should read {row}"
 
 
 def test_the_handout_strips_every_exercise_and_still_compiles(tmp_path):
     out = tmp_path / "handout"
     assert make.main(["--handout", str(out)]) == 0
     assert not (out / ".git").exists() and not (out / "course" / "INSTRUCTORS.md").exists()
+    assert "[[exercise.mistakes]]" not in (out / "course" / "exercises.toml").read_text()
     for ex_id, ex in EXERCISES.items():
         for path in {make.split_target(t)[0] for t in ex["targets"]}:
             assert make.marker(ex_id) in (out / path).read_text()
     assert compileall.compile_dir(out, quiet=1, legacy=False, force=True)
     assert check.still_stripped(out, EXERCISES) == list(EXERCISES)
+
+
+def test_an_exercise_copy_holds_neither_the_answers_nor_the_mistakes_nor_a_private_list(tmp_path):
+    private = ROOT / "course" / "private_test_list.toml"  # an instructor's list kept in the repo
+    private.write_text(make.EXERCISES.read_text())
+    try:
+        out = tmp_path / "ex"
+        assert make.main(["expert_choice_topk", "--mistake", "1", "--exercises", str(private),
+                          "--out", str(out)]) == 0
+    finally:
+        private.unlink()
+    assert not (out / "course" / "private_test_list.toml").exists()
+    assert not (out / "course" / "INSTRUCTORS.md").exists()
+    assert not (out / "tests" / "test_course.py").exists()
+    copied = out / "course" / "exercises.toml"
+    assert "[[exercise.mistakes]]" not in copied.read_text()
+    assert list(make.load(copied)) == list(EXERCISES)  # check.py still reads it
 
 
 # --- the kit against the code, running the checks ----------------------------------------------
