@@ -7,7 +7,7 @@ Train GPT-2 or one of its dynamic-depth variants.
     python train.py --init_from=resume --out_dir=out-mod   # continue a stopped run exactly
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-Flags are the fields of TrainConfig below plus those of the chosen variant's settings
+Flags are the fields of TrainConfig (train_config.py) plus those of the chosen variant's settings
 (`--key value` or `--key=value`); a config file holds `key = value` lines. A variant may set
 its own defaults for training flags (train_defaults; printed at start, flags win). The models
 speak the contract of variants.py, so nothing here depends on which variant runs.

@@ -8,8 +8,11 @@ labelled with its number of windows.
     python experiments/rt_cost.py --preset smoke  # seconds, for the tests
 """
 
+from types import SimpleNamespace
+
 import kit
 import rt_frontier
+from mindskip import MindSkipGPT
 
 NAME = "rt_cost"
 SAMPLES = {"smoke": [8, 32], "cpu": [250, 1000, 4000], "gpu": [250, 1000, 4000]}
@@ -51,14 +54,20 @@ def main(argv=None):
         for seed in preset["seeds"]:
             flags = {**tune, "variant": "router_tuning", "init_from": init_from, "skip": "attn",
                      "target_capacity": 0.5, "train_samples": samples, "seed": seed}
-            steps = max(1, samples // tune["batch_size"])  # one epoch
-            flags = {**kit.schedule(flags, steps, evals=1), **preset["tune"], "eval_interval": steps}
+            # train.py's default recipe for router-tuning: one epoch, 3% warmup, cosine to 0
+            recipe = MindSkipGPT.train_defaults(SimpleNamespace(
+                train_samples=samples, batch_size=tune["batch_size"], gradient_accumulation_steps=1))
+            flags = {**flags, **preset["tune"], **recipe, "eval_interval": recipe["max_iters"]}
             runs.append((f"samples{samples}-s{seed}", flags))
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
     rows = [kit.summarize("dense", dense[0][1], shared / "dense")]
-    rows += [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
+    for name, flags in runs:  # the share of open gates on training text too (train.py's estimate)
+        row = kit.summarize(name, flags, out_dirs[name])
+        train_capacity = kit.read_log(out_dirs[name])[-1]["train"]["capacity"]
+        rows.append({**row, "train_capacity": train_capacity})
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["run", "steps", "train_seconds", "val_loss", "val_capacity"])
+    columns = ["run", "steps", "train_seconds", "val_loss", "train_capacity", "val_capacity"]
+    kit.print_table(rows, columns)
     draw(rows, f"{args.assets_dir}/{NAME}.png")
 
 
