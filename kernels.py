@@ -10,8 +10,8 @@ A routed block (mod.py) spends time outside its matmuls moving rows of the resid
 
 In eager PyTorch each line is several kernels, each reading and writing whole (B, k, d)
 intermediates, and the backward adds as many again. Fused, every routed row is read once and
-written once per pass, and the router-weight gradient dL/dw = sum_d dL/dout * f comes out of
-the same pass as dL/df.
+written once per pass, and the gradient of the update weight, dL/dw = sum_d dL/dout * f (w is
+sigmoid(r), not the router's weight vector), comes out of the same pass as dL/df.
 
 The kernels run where --kernels triton (opt-in), Triton imports and the tensor is on a
 GPU; everywhere else the reference runs, so the model needs no Triton. Indices must be unique

@@ -5,13 +5,13 @@ Router-Tuning with MindSkip (He et al. 2024, arXiv 2410.13184). The method is Ro
 MindSkip puts a skip gate on the attention sublayer of some layers of a trained model:
 
     s = w . mean_t LN_1(x)_t                      one score per sequence (w zero-initialised)
-    g = 1[sigmoid(s + b) >= 0.5]                  forward; d g / d s = sigmoid'(s) backward
+    g = 1[sigmoid(s + b) >= tau]                  forward; d g / d s = sigmoid'(s + b) backward
     x <- x + g * Attn(LN_1(x))
 
-A closed gate (g = 0) means the sublayer is not computed at all and, when generating, writes
-no KV cache. The gate (router.MindSkipGate) can decide per token instead of per sequence.
-The official code gates attention only; gating the MLP (x + g * MLP(LN_2(x))) or the whole
-block (--skip mlp | block) is this project's extension.
+tau is --gate_threshold (0.5). At inference a closed gate (g = 0) means the sublayer is not
+computed at all and, when generating, writes no KV cache. The gate (router.MindSkipGate) can
+decide per token instead of per sequence. The official code gates attention only; gating the MLP
+(x + g * MLP(LN_2(x))) or the whole block (--skip mlp | block) is this project's extension.
 
 Router-tuning freezes every weight of the trained model and trains only the routers w:
 
@@ -262,8 +262,8 @@ class MindSkipGPT(GPT):
         n = rows[0].size(0)
         # a prime stride spreads the sample over rows and positions, the count moves it each step;
         # tensor arithmetic only, so a compiled forward stays one graph
-        step = torch.arange(min(n, RECENT_INPUTS // RECENT_STEPS), device=rows[0].device) * 7919
-        take = (step + self.recent_count) % n
+        strided = torch.arange(min(n, RECENT_INPUTS // RECENT_STEPS), device=rows[0].device) * 7919
+        take = (strided + self.recent_count) % n
         self.pending_inputs.append(torch.stack([r[take] for r in rows]).float())
 
     @torch.no_grad()
@@ -282,10 +282,10 @@ class MindSkipGPT(GPT):
         # a quantile: exact for the current routers (a running correction of b lagged behind them)
         weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
         scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS], weights)
-        threshold = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
+        logit_tau = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
         boundary = torch.quantile(scores.flatten(), 1 - self.settings.target_capacity,
                                   interpolation="midpoint")  # the target share scores above it
-        self.score_offset.fill_(threshold - boundary)
+        self.score_offset.fill_(logit_tau - boundary)  # logit(tau): the gate's cut
 
     def push_to_ring(self, kept):
         """kept (layers, rows, d) into the ring, every process's alike; returns its row count."""
@@ -390,7 +390,7 @@ class MindSkipGPT(GPT):
         window = idx[:, -self.config.block_size:]
         cache = self.new_cache(None if decide else cache.decisions)
         logits = self(window, cache=cache)[0]
-        return logits, cache, window.size(1) if decide else seen + 1
+        return logits, cache, (window.size(1) if decide else seen + 1)
 
     @torch.no_grad()
     def depth_per_token(self, idx, prompt_len):

@@ -83,7 +83,7 @@ class RoutedBlock(nn.Module):
 
     @staticmethod
     def update_weight(scores):
-        """w_i = sigmoid(r_i), what scales a routed token's update (the paper uses the raw r_i)."""
+        """w_i = sigmoid(r_i), the update weight that scales a routed token's f (the paper: r_i)."""
         return torch.sigmoid(scores)
 
     def causal_logits(self, x, scores):
@@ -312,14 +312,16 @@ class MoDGPT(GPT):
 
     @torch.no_grad()
     def calibrate_untrained(self, seed):
-        """Set each routed block's router bias so that causal routing sends about `capacity` of
-        the tokens through: an untrained router routes about half of them whatever C is."""
+        """Set the bias of what decides causal routing (the router, or the predictor's last
+        layer) so that it sends about `capacity` of the tokens through: an untrained one routes
+        about half of them whatever C is."""
 
         def calibrate(block, args):
-            scores = block.router(args[0]).flatten()
+            logits = block.causal_logits(args[0], block.router(args[0])).flatten()
             c = block.capacity
-            cut = torch.quantile(scores, 1 - c) if c < 1 else scores.min() - 1
-            block.router.bias -= cut  # the bias never changes top-k; here it moves the causal cut
+            cut = torch.quantile(logits, 1 - c) if c < 1 else logits.min() - 1
+            deciding = block.router if block.predictor is None else block.predictor[-1]
+            deciding.bias -= cut  # the router's bias never changes top-k; it moves the causal cut
 
         blocks = self.routed_blocks().values()
         hooks = [block.register_forward_pre_hook(calibrate) for block in blocks]

@@ -99,7 +99,7 @@ def causal_attention(qkv, n_head, cache=None, dropout_p=0.0):
     past = 0 if cache is None else len(cache)
     if cache is not None:
         k, v = cache.append(k, v)
-    mask = None  # no cache: is_causal; one new token may see every key: no mask at all
+    mask = None  # nothing cached yet: is_causal; one new token may see every key: no mask at all
     if past and T > 1:  # several new tokens after a cached prefix: causal within the new ones
         mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(diagonal=past)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
@@ -233,6 +233,7 @@ class GPT(nn.Module):
         """{training flag: value} this variant changes from train.py's defaults, given the run's
         TrainConfig (e.g. its batch size); a flag the user gives still wins. GPT-2: none."""
         return {}
+
     def embeddings_and_head(self):
         """The modules every variant shares with GPT-2 around its trunk (for from_dense)."""
         return [self.transformer.wte, self.transformer.wpe, self.transformer.ln_f, self.lm_head]
@@ -347,6 +348,21 @@ class GPT(nn.Module):
             idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         return idx
 
+    def generation_forward(self, idx, cache, seen, use_cache=True):
+        """The forward that predicts the token after idx: (last logits, cache, tokens it holds).
+        With the cache, the prompt (or, once the window slides past block_size, the last
+        window) runs once on a fresh cache and each new token costs one position; without it,
+        the last block_size tokens are recomputed. A variant with per-prompt state (decisions
+        made on the prompt) overrides this: it is the one place generation's window lives."""
+        window = idx[:, -self.config.block_size:]
+        if not use_cache:
+            return self(window)[0], None, 0
+        if 0 < seen < self.config.block_size:
+            return self(idx[:, -1:], cache=cache, pos_offset=seen)[0], cache, seen + 1
+        if cache is None or seen > 0:  # the first step without a cache, or the window slid
+            cache = self.new_cache()
+        return self(window, cache=cache)[0], cache, window.size(1)
+
     # --- what bench.py measures ---------------------------------------------------------
 
     @classmethod
@@ -363,20 +379,6 @@ class GPT(nn.Module):
         """(module, run(x) -> output) whose kernels the settings' `kernels` flag switches, for
         bench.py --compare_kernels; None: no such kernels."""
         return None
-    def generation_forward(self, idx, cache, seen, use_cache=True):
-        """The forward that predicts the token after idx: (last logits, cache, tokens it holds).
-        With the cache, the prompt (or, once the window slides past block_size, the last
-        window) runs once on a fresh cache and each new token costs one position; without it,
-        the last block_size tokens are recomputed. A variant with per-prompt state (decisions
-        made on the prompt) overrides this: it is the one place generation's window lives."""
-        window = idx[:, -self.config.block_size:]
-        if not use_cache:
-            return self(window)[0], None, 0
-        if 0 < seen < self.config.block_size:
-            return self(idx[:, -1:], cache=cache, pos_offset=seen)[0], cache, seen + 1
-        if cache is None or seen > 0:  # the first step without a cache, or the window slid
-            cache = self.new_cache()
-        return self(window, cache=cache)[0], cache, window.size(1)
 
     # --- what generation used (sample.py --show_depth) -----------------------------------
 

@@ -191,7 +191,7 @@ class MoMChunk(nn.Module):
         return (x if self.anchor is None else self.anchor(x, anchor_cache)), record
 
     def assemble(self, x, cache=None):
-        """assembly_step for h = 1..H, the routers' GRU states carried across the steps;
+        """assembly_step for h = 0..H-1, which updates the routers' GRU states in `states`;
         the record holds every step's probabilities and choices, (H, B, T, ...)."""
         states = [None, None]  # attention router's, FFN router's
         record = {"attn_probs": [], "attn": [], "ffn_probs": [], "ffn": []}
@@ -312,7 +312,7 @@ class MoMGPT(GPT):
         self.last_routing = None  # per chunk: choices (H, B, T, K) of each pool
 
     def make_blocks(self, config):
-        """None: the trunk is dense blocks and routed chunks (bottom, chunks, top), made above."""
+        """No blocks: the trunk is dense and routed chunks (bottom, chunks, top), made above."""
         return nn.ModuleList()
 
     def forward_trunk(self, x, cache=None):
@@ -362,7 +362,7 @@ class MoMGPT(GPT):
         attn_kept, ffn_kept = (k.float().mean().item() for k in kept)
         return {
             "loss": loss.item(),
-            "mom_balance": aux["mom_balance"].item(),  # modules_used: per pool and step
+            "mom_balance": aux["mom_balance"].item(),
             "modules_used": self.settings.modules_per_step * (attn_kept + ffn_kept) / 2,
             "skip_rate": 1 - (attn_kept + ffn_kept) / 2,
             "attn_skip_rate": 1 - attn_kept,

@@ -93,8 +93,9 @@ def threshold_route(logits, threshold=0.5):
 
 
 def topk_bce_loss(logits, topk_mask):
-    """BCE( sigmoid(r_i), 1[i in top-k of its row] ): teaches a per-token decision to imitate
-    the non-causal top-k choice. Targets are built per row, the same rows top-k chose in."""
+    """BCE( sigmoid(logit_i), 1[i in top-k of its row] ), logit_i the router's r_i or the
+    predictor's p(x_i): teaches a per-token decision to imitate the non-causal top-k choice.
+    Targets are built per row, the same rows top-k chose in."""
     return F.binary_cross_entropy_with_logits(logits, topk_mask.to(logits.dtype))
 
 
@@ -192,9 +193,9 @@ def capacity_penalty(gates, target_capacity):
 
 
 def gate_sum_sparsity(gates_per_layer):
-    """The official code's sparsity term: sum over gated layers of the mean gate (weighted by
-    its gradient_scale). It has no target: it pushes every gate shut, the LM loss holds them
-    open."""
+    """The official code's sparsity term: sum over gated layers of the mean gate (its weight,
+    the official gradient_scale, is --sparsity_coef, applied by train.py). It has no target: it
+    pushes every gate shut, the LM loss holds them open."""
     return sum(g.mean() for g in gates_per_layer)
 
 
@@ -264,6 +265,7 @@ class ModuleRouter(nn.Module):
         n = self.step_bias.size(1)
         self.step_bias.zero_()
         for h, m in enumerate(targets):
+            # times temperature: the forward divides the logits by it
             self.step_bias[h, m] = math.log(prob / (1 - prob) * (n - 1)) * self.temperature
 
     def matmul_params(self):

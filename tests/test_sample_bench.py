@@ -120,8 +120,13 @@ def test_bench_decodes_mod_at_four_capacities_with_routers_set_to_route_that_sha
     assert list(rows)[:5] == ["baseline"] + [f"mod C={c}" for c in capacities]
     kv = [int(rows[f"mod C={c}"]["kv_bytes"]) for c in capacities]
     assert kv == sorted(kv) and kv[0] < kv[-1] == int(rows["baseline"]["kv_bytes"])  # C = 1 caches every token
+
+
+@pytest.mark.parametrize("causal_method", ["aux_loss", "predictor"])
+def test_an_untrained_mod_is_calibrated_to_route_its_capacity_causally(causal_method):
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64)
-    model = MoDGPT(config, MoDConfig(capacity=0.25)).calibrate_untrained(seed=0)
+    settings = MoDConfig(capacity=0.25, causal_method=causal_method)
+    model = MoDGPT(config, settings).calibrate_untrained(seed=0)
     with torch.no_grad(), model.routing("causal"):
         model(torch.randint(64, (8, 32), generator=torch.Generator().manual_seed(5)))
     assert model.routed_blocks()[1].routed_mask.float().mean().item() == pytest.approx(0.25, abs=0.1)
