@@ -33,7 +33,9 @@ def read_gpt2(name_or_path, cache_dir=None, base_url=None):
         weights_file = download_from_hub(name_or_path, "model.safetensors", cache_dir, base_url)
         config_file = download_from_hub(name_or_path, "config.json", cache_dir, base_url)
     if not weights_file.exists():
-        raise FileNotFoundError(f"no weights at {weights_file} (a GPT-2 folder holds config.json and model.safetensors)")
+        raise FileNotFoundError(
+            f"no weights at {weights_file} (a GPT-2 folder holds config.json and model.safetensors)"
+        )
     hf = {k.removeprefix("transformer."): v for k, v in load_safetensors(weights_file).items()}
     try:
         hf_config = json.loads(config_file.read_text()) if config_file.exists() else {}
@@ -42,7 +44,8 @@ def read_gpt2(name_or_path, cache_dir=None, base_url=None):
     if "wte.weight" not in hf or "wpe.weight" not in hf or not any(k.startswith("h.") for k in hf):
         raise ValueError(f"{weights_file} is not a GPT-2 checkpoint (no wte/wpe/h.* weights)")
     vocab_size, n_embd = hf["wte.weight"].shape
-    config = dict(block_size=hf["wpe.weight"].shape[0], vocab_size=vocab_size, n_embd=n_embd, bias=True,
+    config = dict(block_size=hf["wpe.weight"].shape[0], vocab_size=vocab_size, n_embd=n_embd,
+                  bias=True,
                   n_layer=1 + max(int(k.split(".")[1]) for k in hf if k.startswith("h.")),
                   n_head=hf_config.get("n_head", n_embd // 64))
     state_dict = {}
@@ -70,7 +73,9 @@ def load_safetensors(path):
         raise ValueError(f"{path}: not a safetensors file (too short)")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
-        raise ValueError(f"{path}: not a safetensors file (header length {header_len} > file size)")
+        raise ValueError(
+            f"{path}: not a safetensors file (header length {header_len} > file size)"
+        )
     try:
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -92,9 +97,12 @@ def load_safetensors(path):
             raise ValueError(f"{path}: malformed entry for tensor {name!r} (negative dimension)")
         expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if not 0 <= begin <= end <= len(body) or end - begin != expected:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets outside the file or of the wrong size")
+            raise ValueError(
+                f"{path}: tensor {name!r} has data_offsets outside the file or of the wrong size"
+            )
         raw = bytearray(body[begin:end])  # a copy: the tensor owns its memory
-        tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+        tensors[name] = (torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw
+                         else torch.empty(shape, dtype=dtype))
     return tensors
 
 
@@ -106,7 +114,9 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
     import requests
 
     base_url = base_url or os.environ.get("NANODEPTH_HF_URL", HF_URL)
-    cache_dir = Path(cache_dir or os.environ.get("NANODEPTH_CACHE", Path.home() / ".cache" / "nanodepth"))
+    cache_dir = Path(
+        cache_dir or os.environ.get("NANODEPTH_CACHE", Path.home() / ".cache" / "nanodepth")
+    )
     target = cache_dir / repo / filename
     if target.exists():
         return target
@@ -115,7 +125,9 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
     try:
         with requests.get(url, stream=True, timeout=30) as r:
             if r.status_code == 404:
-                raise RuntimeError(f"{url} not found (404): is {repo!r} a GPT-2 repository on the hub?")
+                raise RuntimeError(
+                    f"{url} not found (404): is {repo!r} a GPT-2 repository on the hub?"
+                )
             r.raise_for_status()
             total = int(r.headers.get("content-length", 0))
             tmp, done = target.with_suffix(target.suffix + ".part"), 0
@@ -124,7 +136,8 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
                     f.write(chunk)
                     done += len(chunk)
                     if total > (1 << 24):
-                        print(f"\r{filename}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", file=sys.stderr)
+                        print(f"\r{filename}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB",
+                              end="", file=sys.stderr)
             if total > (1 << 24):
                 print(file=sys.stderr)
             os.replace(tmp, target)  # atomic: a killed download leaves no half file behind

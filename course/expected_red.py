@@ -20,7 +20,8 @@ import make  # noqa: E402
 # the unit test files; the end-to-end ones (train.py, sample.py, bench.py and the experiments
 # run as a user would) go red with every exercise their variant runs through
 FILES = ["tests/test_model.py", "tests/test_gpt2_weights.py", "tests/test_router.py",
-         "tests/test_mod.py", "tests/test_mom.py", "tests/test_mindskip.py", "tests/test_router_tuning.py", "tests/test_kernels.py",
+         "tests/test_mod.py", "tests/test_mom.py", "tests/test_mindskip.py",
+         "tests/test_router_tuning.py", "tests/test_kernels.py",
          "tests/test_variants.py", "tests/test_course_checks.py"]
 
 

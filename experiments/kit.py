@@ -88,7 +88,8 @@ def model_stats(flags):
     Non-embedding: every parameter but the token and position embeddings (the LM head is tied
     to the token embedding, so it is not counted either)."""
     import train
-    cfg, settings, _ = train.parse_args(flag_list({k: v for k, v in flags.items() if k != "out_dir"}))
+    cfg, settings, _ = train.parse_args(
+        flag_list({k: v for k, v in flags.items() if k != "out_dir"}))
     model = train.build_model(cfg, settings)
     embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
     params = sum(p.numel() for p in model.parameters()) - embeddings
@@ -96,7 +97,8 @@ def model_stats(flags):
 
 
 def tokens_per_step(flags):
-    return flags.get("batch_size", 12) * flags.get("gradient_accumulation_steps", 1) * flags.get("block_size", 64)
+    return (flags.get("batch_size", 12) * flags.get("gradient_accumulation_steps", 1)
+            * flags.get("block_size", 64))
 
 
 def steps_for_budget(budget, flops_per_token, flags, evals=4):
@@ -140,24 +142,32 @@ def run_all(runs, runs_dir):
             argv.append("--init_from=resume")
             action = "resuming"
         else:
-            (out_dir / "log.jsonl").unlink(missing_ok=True)  # a run stopped before its first checkpoint starts over
+            # a run stopped before its first checkpoint starts over
+            (out_dir / "log.jsonl").unlink(missing_ok=True)
             action = "starting"
-        print(f"[run {i + 1}/{len(runs)}] {name}: {action}{eta}\n  python train.py {' '.join(argv)}", flush=True)
+        print(f"[run {i + 1}/{len(runs)}] {name}: {action}{eta}\n"
+              f"  python train.py {' '.join(argv)}", flush=True)
         t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        # one thread unless the caller says otherwise: these tiny models gain little from a second
-        # one, and on a shared machine two threads spend most of their time waiting for each other
-        env = {"OMP_NUM_THREADS": "1", **os.environ}
-        done = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"run {name} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        run_train(name, argv)
         spent_seconds += time.time() - t0
         spent_flops += cost
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-        # CPU seconds: what the run costs on a machine it does not share (wall time depends on the load)
+        # CPU seconds: what the run costs on a machine it does not share
+        # (wall time depends on the load)
         print(f"  done in {time.time() - t0:.0f}s wall, {cpu:.0f} CPU seconds", flush=True)
     return out_dirs
+
+
+def run_train(name, argv):
+    """Run train.py with these flags in a subprocess; exit with its stderr if it fails."""
+    # one thread unless the caller says otherwise: these tiny models gain little from a second
+    # one, and on a shared machine two threads spend most of their time waiting for each other
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"run {name} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 
 
 def summarize(name, flags, out_dir):
@@ -244,7 +254,8 @@ def common_flags(preset, dataset):
 
 def schedule(flags, steps, evals=4):
     """max_iters and the flags that follow from it: eval at every steps/evals, cosine to the end."""
-    return {**flags, "max_iters": steps, "lr_decay_iters": steps, "eval_interval": max(1, steps // evals),
+    return {**flags, "max_iters": steps, "lr_decay_iters": steps,
+            "eval_interval": max(1, steps // evals),
             "warmup_iters": min(flags.get("warmup_iters", 100), steps // 10)}
 
 

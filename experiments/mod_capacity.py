@@ -13,16 +13,19 @@ import kit
 
 NAME = "mod_capacity"
 PRESETS = {
-    "smoke": {"dataset": "shakespeare_char", "budget": 2e8, "capacities": [0.25, 1.0], "route_every": [1, 2],
-              "train": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=1,
-                            log_interval=1000, device="cpu")},
-    "cpu": {"dataset": "shakespeare_char", "budget": 5e11, "capacities": [0.125, 0.25, 0.5, 1.0], "route_every": [1, 2],
-            "train": dict(n_layer=4, n_head=3, n_embd=96, block_size=64, batch_size=12, eval_iters=10,
-                          log_interval=1000, device="cpu", compile=False)},
-    "gpu": {"dataset": "openwebtext", "budget": 6e18, "capacities": [0.125, 0.25, 0.5, 1.0], "route_every": [1, 2],
+    "smoke": {"dataset": "shakespeare_char", "budget": 2e8, "capacities": [0.25, 1.0],
+              "route_every": [1, 2],
+              "train": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                            eval_iters=1, log_interval=1000, device="cpu")},
+    "cpu": {"dataset": "shakespeare_char", "budget": 5e11, "capacities": [0.125, 0.25, 0.5, 1.0],
+            "route_every": [1, 2],
+            "train": dict(n_layer=4, n_head=3, n_embd=96, block_size=64, batch_size=12,
+                          eval_iters=10, log_interval=1000, device="cpu", compile=False)},
+    "gpu": {"dataset": "openwebtext", "budget": 6e18, "capacities": [0.125, 0.25, 0.5, 1.0],
+            "route_every": [1, 2],
             "train": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12,
-                          gradient_accumulation_steps=40, eval_iters=100, log_interval=100, learning_rate=6e-4,
-                          min_lr=6e-5, warmup_iters=700, dtype="bfloat16")},
+                          gradient_accumulation_steps=40, eval_iters=100, log_interval=100,
+                          learning_rate=6e-4, min_lr=6e-5, warmup_iters=700, dtype="bfloat16")},
 }
 
 
@@ -31,7 +34,8 @@ def plan(preset, dataset):
     variants = [("baseline", {"variant": "baseline"})]
     for every in preset["route_every"]:
         for c in preset["capacities"]:
-            variants.append((f"mod-C{c}-every{every}", {"variant": "mod", "capacity": c, "route_every": every}))
+            variants.append((f"mod-C{c}-every{every}",
+                             {"variant": "mod", "capacity": c, "route_every": every}))
     runs = []
     for name, extra in variants:
         flags = {**base, **extra}
@@ -45,13 +49,16 @@ def draw(rows, path):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for every, color in zip(sorted({r["route_every"] for r in rows if r["variant"] == "mod"}), ("C0", "C1", "C2")):
-        mine = sorted((r for r in rows if r.get("route_every") == every), key=lambda r: r["capacity"])
-        which = "every block" if every == 1 else f"every {every}nd block" if every == 2 else f"every {every}th block"
+    for every, color in zip(sorted({r["route_every"] for r in rows if r["variant"] == "mod"}),
+                            ("C0", "C1", "C2")):
+        mine = sorted((r for r in rows if r.get("route_every") == every),
+                      key=lambda r: r["capacity"])
+        which = ("every block" if every == 1 else f"every {every}nd block" if every == 2
+                 else f"every {every}th block")
         ax.plot([r["capacity"] for r in mine], [r["val_loss"] for r in mine], "o-", color=color,
                 label=f"MoD causal, {which}")
-        ax.plot([r["capacity"] for r in mine], [r["val_loss_topk"] for r in mine], "o:", color=color, alpha=0.6,
-                label=f"MoD top-k, {which}")
+        ax.plot([r["capacity"] for r in mine], [r["val_loss_topk"] for r in mine], "o:",
+                color=color, alpha=0.6, label=f"MoD top-k, {which}")
     for r in rows:
         if r["variant"] == "baseline":
             ax.axhline(r["val_loss"], color="k", linestyle="--", label="baseline, same budget")
@@ -71,7 +78,8 @@ def main(argv=None):
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
     rows = [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["run", "params", "flops_per_token", "steps", "ms_per_step", "val_loss", "val_loss_topk"])
+    kit.print_table(rows, ["run", "params", "flops_per_token", "steps", "ms_per_step", "val_loss",
+                           "val_loss_topk"])
     draw(rows, f"{args.assets_dir}/{NAME}.png")
 
 

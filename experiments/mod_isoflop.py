@@ -41,7 +41,8 @@ PRESETS = {  # budgets: {training FLOPs: the sizes trained at that budget}
     # mostly per-op overhead). MoD from 2 layers (with route_every 2 a 1-layer model routes
     # nothing). 46 runs, one thread each (docs/mod.md: time)
     "cpu": {"dataset": "shakespeare_char",
-            "budgets": {1.5e11: CPU_SIZES[:5] + NARROW_2_LAYER, 3e11: CPU_SIZES[1:] + NARROW_2_LAYER,
+            "budgets": {1.5e11: CPU_SIZES[:5] + NARROW_2_LAYER,
+                        3e11: CPU_SIZES[1:] + NARROW_2_LAYER,
                         6e11: CPU_SIZES[1:5] + NARROW_2_LAYER,
                         1.2e12: CPU_SIZES[2:] + [(3, 3, 96)] + NARROW_2_LAYER},
             "timing": (9, 10),
@@ -180,8 +181,9 @@ def headline(rows, flags_by_name, preset):
 
 
 def draw_isoflop(ax, rows, kind, colors):
-    """Loss (val or train) against non-embedding parameters, one color per budget; the baseline's
-    1-layer and deeper models as two lines (joined, the shapes would zigzag), one star each curve."""
+    """Loss (val or train) against non-embedding parameters, one color per budget; the
+    baseline's 1-layer and deeper models as two lines (joined, the shapes would zigzag), one
+    star each curve."""
     curves = (("baseline", f"{kind}_loss", "^-", lambda L: L == 1),
               ("baseline", f"{kind}_loss", "s-", lambda L: L > 1),
               ("mod", f"{kind}_loss", "o--", lambda L: True),
@@ -198,7 +200,8 @@ def draw_isoflop(ax, rows, kind, colors):
                              ("mod", f"{kind}_loss_topk")):
             pts = [(r["params"], r[key]) for r in mine if r["variant"] == variant and key in r]
             ax.plot(*min(pts, key=lambda p: p[1]), "*", color=colors[j], markersize=13,
-                    markeredgecolor="black", markeredgewidth=0.5, alpha=0.45 if "topk" in key else 1)
+                    markeredgecolor="black", markeredgewidth=0.5,
+                    alpha=0.45 if "topk" in key else 1)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel(f"{kind} loss")
@@ -236,9 +239,11 @@ def draw(rows, heads, runs_by_name, path):
     draw_wall_clock(axes[2], heads, runs_by_name, rows, colors)
     from matplotlib.lines import Line2D
     budgets = sorted({r["budget"] for r in rows})
-    keys = [Line2D([], [], color=colors[j], lw=4, label=f"{b:g} FLOPs") for j, b in enumerate(budgets)]
+    keys = [Line2D([], [], color=colors[j], lw=4, label=f"{b:g} FLOPs")
+            for j, b in enumerate(budgets)]
     keys += [Line2D([], [], color="gray", marker=m, ls=ls, markersize=4, label=what)
-             for m, ls, what in (("^", "-", "baseline, 1 layer"), ("s", "-", "baseline, 2-3 layers"),
+             for m, ls, what in (("^", "-", "baseline, 1 layer"),
+                                 ("s", "-", "baseline, 2-3 layers"),
                                  ("o", "--", "MoD causal"), ("o", ":", "MoD top-k"))]
     for ax in axes[:2]:
         ax.set_ylim(top=ax.get_ylim()[1] + 0.1)  # room for the key

@@ -7,7 +7,8 @@ attention modules and three quarters of the FFN modules); and the official code'
 bottom and top layers around the routed middle). Scatter: val loss against the FLOPs per token
 the routing actually took on the val batches, each point labelled with its ms per step.
 
-    python experiments/mom_configs.py                 # --preset cpu (runs mom_two_stage's stage 1 if needed)
+    python experiments/mom_configs.py                 # --preset cpu
+                                                      # (runs mom_two_stage's stage 1 if needed)
     python experiments/mom_configs.py --preset smoke  # seconds, for the tests
 """
 
@@ -15,12 +16,15 @@ import kit
 import mom_two_stage
 
 NAME = "mom_configs"
-SETTINGS = [  # (run name, MoM flags as functions of the dense model's n_layer L); config/mom_*.py hold the same
+# (run name, MoM flags as functions of the dense model's n_layer L); config/mom_*.py hold the same
+SETTINGS = [
     ("mom-H=L-K1", lambda L: {}),
     ("mom-deep-H=1.5L", lambda L: {"assembly_steps": L * 3 // 2}),
     ("mom-efficient-H=L/2-K2", lambda L: {"assembly_steps": L // 2, "modules_per_step": 2}),
-    ("mom-module-removal-attn50-ffn75", lambda L: {"n_attn_modules": L // 2, "n_ffn_modules": L * 3 // 4}),
-    ("mom-official-layout-dense-bottom-top", lambda L: {"bottom_layers": L // 4, "top_layers": L // 4}),
+    ("mom-module-removal-attn50-ffn75",
+     lambda L: {"n_attn_modules": L // 2, "n_ffn_modules": L * 3 // 4}),
+    ("mom-official-layout-dense-bottom-top",
+     lambda L: {"bottom_layers": L // 4, "top_layers": L // 4}),
 ]
 
 
@@ -46,8 +50,8 @@ def main(argv=None):
     preset, base, _, stage1_dir = mom_two_stage.shared_stage1(args, NAME)
     cont = {k: v for k, v in base.items() if k not in mom_two_stage.MODEL_FLAGS}
     L = base["n_layer"]
-    runs = [("dense-continued", kit.schedule({**cont, "variant": "baseline", "init_from": stage1_dir},
-                                             preset["stage2"]))]
+    dense = {**cont, "variant": "baseline", "init_from": stage1_dir}
+    runs = [("dense-continued", kit.schedule(dense, preset["stage2"]))]
     for name, settings in SETTINGS:
         flags = {**cont, "variant": "mom", "init_from": stage1_dir, **settings(L)}
         runs.append((name, kit.schedule(flags, preset["stage2"])))
@@ -56,7 +60,8 @@ def main(argv=None):
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))
     rows = [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["run", "steps", "ms_per_step", "val_loss", "val_flops_per_token", "val_skip_rate"])
+    kit.print_table(rows, ["run", "steps", "ms_per_step", "val_loss", "val_flops_per_token",
+                           "val_skip_rate"])
     draw(rows, f"{args.assets_dir}/{NAME}.png")
 
 

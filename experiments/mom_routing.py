@@ -4,7 +4,8 @@ routers, shared with it) and a val passage, which module each token took at each
 one heatmap per pool (SKIP in grey, the characters on the axis), and how often each module
 (and SKIP) is taken at each step over 64 val windows.
 
-    python experiments/mom_routing.py                 # --preset cpu (trains mom_two_stage's runs if needed)
+    python experiments/mom_routing.py                 # --preset cpu
+                                                      # (trains mom_two_stage's runs if needed)
     python experiments/mom_routing.py --preset smoke  # seconds, for the tests
 """
 
@@ -34,13 +35,16 @@ def draw(passage_choices, usage, pool_sizes, text, path):
     fig, axes = plt.subplots(2, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 1]})
     for row, pool in enumerate(("attn", "ffn")):
         n = pool_sizes[pool]
-        colours = [plt.cm.tab10(i % 10) for i in range(n)] + [(0.8, 0.8, 0.8, 1.0)]  # SKIP last, grey
+        # SKIP last, grey
+        colours = [plt.cm.tab10(i % 10) for i in range(n)] + [(0.8, 0.8, 0.8, 1.0)]
         grid = passage_choices[pool][:, 0].numpy()  # (H, T)
         ax = axes[row, 0]
-        ax.imshow(grid, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=n + 0.5, interpolation="nearest")
+        ax.imshow(grid, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=n + 0.5,
+                  interpolation="nearest")
         ax.set_yticks(range(grid.shape[0]), [f"step {h}" for h in range(grid.shape[0])])
         ax.set_xticks(range(len(text)), [c if c != "\n" else "\\n" for c in text], fontsize=6)
-        ax.set_title(f"{pool} pool: module each token took (colour = module 0..{n - 1}, grey = SKIP)")
+        ax.set_title(f"{pool} pool: module each token took "
+                     f"(colour = module 0..{n - 1}, grey = SKIP)")
         ax = axes[row, 1]
         shares = usage[pool]  # (H, n + 1)
         bottom = np.zeros(shares.shape[0])
@@ -58,7 +62,8 @@ def draw(passage_choices, usage, pool_sizes, text, path):
 def main(argv=None):
     args = kit.parse_args(__doc__, mom_two_stage.PRESETS, argv)
     preset, base, shared, stage1_dir = mom_two_stage.shared_stage1(args, NAME)
-    runs = [r for r in mom_two_stage.plan_stage2(base, stage1_dir, preset["stage1"], preset["stage2"]) if r[0] == RUN]
+    stage2 = mom_two_stage.plan_stage2(base, stage1_dir, preset["stage1"], preset["stage2"])
+    runs = [r for r in stage2 if r[0] == RUN]
     out_dir = kit.run_all(runs, shared)[RUN]
     import checkpoint
     model, _ = checkpoint.load_model(out_dir)
@@ -71,8 +76,10 @@ def main(argv=None):
     passage = choices(model, val[:T][None])
     many = choices(model, val[:windows * T].view(windows, T))
     sizes = {"attn": len(model.chunks[0].attn_pool), "ffn": len(model.chunks[0].ffn_pool)}
-    usage = {pool: np.stack([np.bincount(many[pool][h].flatten().numpy(), minlength=sizes[pool] + 1) / many[pool][h].numel()
-                             for h in range(many[pool].shape[0])]) for pool in sizes}
+    usage = {pool: np.stack([np.bincount(many[pool][h].flatten().numpy(),
+                                         minlength=sizes[pool] + 1) / many[pool][h].numel()
+                             for h in range(many[pool].shape[0])])
+             for pool in sizes}
     text = "".join(itos[int(i)] for i in val[:T])
     draw(passage, usage, sizes, text, f"{args.assets_dir}/{NAME}.png")
     row = kit.summarize(RUN, runs[0][1], out_dir)

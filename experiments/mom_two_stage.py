@@ -15,17 +15,18 @@ import kit
 NAME = "mom_two_stage"
 PRESETS = {
     "smoke": {"dataset": "shakespeare_char", "stage1": 8, "stage2": 8,
-              "train": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=1,
-                            log_interval=1000, device="cpu")},
-    # the default dense model (nanoGPT's CPU config: 4 x 4 x 128, context 64), half its steps, then 500 more
+              "train": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                            eval_iters=1, log_interval=1000, device="cpu")},
+    # the default dense model (nanoGPT's CPU config: 4 x 4 x 128, context 64), half its steps,
+    # then 500 more
     "cpu": {"dataset": "shakespeare_char", "stage1": 1000, "stage2": 500,
-            "train": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, eval_iters=10,
-                          log_interval=1000, device="cpu", compile=False)},
+            "train": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                          eval_iters=10, log_interval=1000, device="cpu", compile=False)},
     # GPT-2 124M on OpenWebText: a long stage 1, a tenth of it in stage 2
     "gpu": {"dataset": "openwebtext", "stage1": 50000, "stage2": 5000,
             "train": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12,
-                          gradient_accumulation_steps=40, eval_iters=100, log_interval=100, learning_rate=6e-4,
-                          min_lr=6e-5, warmup_iters=700, dtype="bfloat16")},
+                          gradient_accumulation_steps=40, eval_iters=100, log_interval=100,
+                          learning_rate=6e-4, min_lr=6e-5, warmup_iters=700, dtype="bfloat16")},
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")  # stage 2 keeps the dense model's
 
@@ -34,10 +35,13 @@ def plan_stage2(base, stage1_dir, steps1, steps2):
     cont = {k: v for k, v in base.items() if k not in MODEL_FLAGS}
     mom = {"variant": "mom", "modules_per_step": 1}
     return [
-        ("dense-continued", kit.schedule({**cont, "variant": "baseline", "init_from": stage1_dir}, steps2)),
-        ("two-stage-mom-fresh-routers", kit.schedule({**cont, **mom, "init_from": stage1_dir}, steps2)),
+        ("dense-continued",
+         kit.schedule({**cont, "variant": "baseline", "init_from": stage1_dir}, steps2)),
+        ("two-stage-mom-fresh-routers",
+         kit.schedule({**cont, **mom, "init_from": stage1_dir}, steps2)),
         ("two-stage-mom-layer-order-routers",
-         kit.schedule({**cont, **mom, "init_from": stage1_dir, "router_init": "layer_order"}, steps2)),
+         kit.schedule({**cont, **mom, "init_from": stage1_dir, "router_init": "layer_order"},
+                      steps2)),
         ("mom-from-scratch", kit.schedule({**base, **mom}, steps1 + steps2)),
     ]
 
@@ -55,7 +59,8 @@ def shared_stage1(args, own_name):
 def curve(log, flags, fpt, offset_steps, offset_flops):
     """[(steps, training FLOPs, val loss)] of one run, shifted by what came before it."""
     per_step = fpt * kit.tokens_per_step(flags)
-    return [(offset_steps + e["iter"], offset_flops + e["iter"] * per_step, e["val"]["loss"]) for e in log]
+    return [(offset_steps + e["iter"], offset_flops + e["iter"] * per_step, e["val"]["loss"])
+            for e in log]
 
 
 def draw(curves, path):
@@ -98,12 +103,15 @@ def main(argv=None):
     for name, flags in stage2:
         _, fpt = kit.model_stats(flags)
         after_stage1 = name != "mom-from-scratch"
-        points = curve(kit.read_log(out_dirs[name]), flags, fpt, steps1 * after_stage1, flops1 * after_stage1)
+        points = curve(kit.read_log(out_dirs[name]), flags, fpt,
+                       steps1 * after_stage1, flops1 * after_stage1)
         curves[name] = points
         rows.append({**kit.summarize(name, flags, out_dirs[name]), "total_steps": points[-1][0],
-                     "total_train_flops": round(points[-1][1]), "val_loss_at_stage2_start": points[0][2]})
+                     "total_train_flops": round(points[-1][1]),
+                     "val_loss_at_stage2_start": points[0][2]})
     kit.write_csv(rows, f"{args.results_dir}/{NAME}.csv")
-    kit.print_table(rows, ["run", "total_steps", "total_train_flops", "val_loss_at_stage2_start", "val_loss"])
+    kit.print_table(rows, ["run", "total_steps", "total_train_flops", "val_loss_at_stage2_start",
+                           "val_loss"])
     draw(curves, f"{args.assets_dir}/{NAME}.png")
 
 

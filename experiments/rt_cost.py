@@ -4,7 +4,8 @@ What router-tuning costs: one epoch over 0.25, 1 and 4 times the default 1,000 t
 (shared with it). Plot: val loss and realised capacity against tuning seconds, each point
 labelled with its number of windows.
 
-    python experiments/rt_cost.py                 # --preset cpu (trains rt_frontier's dense model if needed)
+    python experiments/rt_cost.py                 # --preset cpu
+                                                  # (trains rt_frontier's dense model if needed)
     python experiments/rt_cost.py --preset smoke  # seconds, for the tests
 """
 
@@ -26,8 +27,8 @@ def draw(rows, path):
     for r in rows[1:]:
         for ax, key in ((left, "val_loss"), (right, "val_capacity")):
             ax.scatter(r["train_seconds"], r[key], color="C0")
-            ax.annotate(str(r["train_samples"]), (r["train_seconds"], r[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(str(r["train_samples"]), (r["train_seconds"], r[key]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
     left.axhline(rows[0]["val_loss"], color="k", linestyle="--", label="dense model")
     right.axhline(0.5, color="k", linestyle=":", label="target")
     left.set_ylabel("val loss")
@@ -45,7 +46,8 @@ def main(argv=None):
     base = kit.common_flags(preset, args.dataset)
     shared = kit.runs_dir(args, rt_frontier.NAME) if not args.runs_dir else kit.runs_dir(args, NAME)
     if not preset["dense_steps"]:
-        raise SystemExit("the gpu preset tunes GPT-2 itself: run config/router_tuning_gpt2.py with --train_samples")
+        raise SystemExit("the gpu preset tunes GPT-2 itself: "
+                         "run config/router_tuning_gpt2.py with --train_samples")
     dense = [("dense", kit.schedule({**base, "variant": "baseline"}, preset["dense_steps"]))]
     init_from = str(kit.run_all(dense, shared)["dense"])
     tune = {k: v for k, v in base.items() if k not in rt_frontier.MODEL_FLAGS}
@@ -56,7 +58,8 @@ def main(argv=None):
                      "target_capacity": 0.5, "train_samples": samples, "seed": seed}
             # train.py's default recipe for router-tuning: one epoch, 3% warmup, cosine to 0
             recipe = MindSkipGPT.train_defaults(SimpleNamespace(
-                train_samples=samples, batch_size=tune["batch_size"], gradient_accumulation_steps=1))
+                train_samples=samples, batch_size=tune["batch_size"],
+                gradient_accumulation_steps=1))
             flags = {**flags, **preset["tune"], **recipe, "eval_interval": recipe["max_iters"]}
             runs.append((f"samples{samples}-s{seed}", flags))
     out_dirs = kit.run_all(runs, kit.runs_dir(args, NAME))

@@ -25,19 +25,24 @@ import torch.nn.functional as F
 
 NAME = "rt_frontier"
 PRESETS = {
-    "smoke": {"dataset": "shakespeare_char", "dense_steps": 8, "tune_steps": 4, "skips": ["attn", "block"],
+    "smoke": {"dataset": "shakespeare_char", "dense_steps": 8, "tune_steps": 4,
+              "skips": ["attn", "block"],
               "targets": [0.5], "seeds": [1337], "levels": ["sequence"], "tune": dict(min_lr=0.0),
-              "train": dict(n_layer=4, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=1,
-                            log_interval=1000, device="cpu")},
-    "cpu": {"dataset": "shakespeare_char", "dense_steps": 1000, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
+              "train": dict(n_layer=4, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                            eval_iters=1, log_interval=1000, device="cpu")},
+    "cpu": {"dataset": "shakespeare_char", "dense_steps": 1000, "tune_steps": 100,
+            "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
-            "tune": dict(min_lr=0.0, eval_iters=200, eval_interval=100),  # capacity over 2,400 val windows, at the end
-            "train": dict(n_layer=6, n_head=4, n_embd=128, block_size=64, batch_size=12, eval_iters=10,
-                          log_interval=1000, device="cpu", compile=False)},
-    "gpu": {"dataset": "openwebtext", "dense_steps": 0, "tune_steps": 100, "skips": ["attn", "mlp", "block"],
+            # capacity over 2,400 val windows, at the end
+            "tune": dict(min_lr=0.0, eval_iters=200, eval_interval=100),
+            "train": dict(n_layer=6, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                          eval_iters=10, log_interval=1000, device="cpu", compile=False)},
+    "gpu": {"dataset": "openwebtext", "dense_steps": 0, "tune_steps": 100,
+            "skips": ["attn", "mlp", "block"],
             "targets": [0.25, 0.5, 0.75], "seeds": [1337, 1, 2], "levels": ["sequence", "token"],
             "tune": dict(min_lr=0.0),
-            "train": dict(block_size=1024, batch_size=8, eval_iters=100, log_interval=10, dtype="bfloat16")},
+            "train": dict(block_size=1024, batch_size=8, eval_iters=100, log_interval=10,
+                          dtype="bfloat16")},
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd")  # fixed by the dense model once it is trained
 
@@ -58,8 +63,9 @@ def main(argv=None):
         for skip in preset["skips"]:
             for target in preset["targets"]:
                 for seed in preset["seeds"]:
-                    flags = {**tune_base, "variant": "router_tuning", "init_from": init_from, "skip": skip,
-                             "router_level": level, "target_capacity": target, "seed": seed}
+                    flags = {**tune_base, "variant": "router_tuning", "init_from": init_from,
+                             "skip": skip, "router_level": level, "target_capacity": target,
+                             "seed": seed}
                     flags = {**kit.schedule(flags, preset["tune_steps"]), **preset["tune"]}
                     runs.append((f"{level}-{skip}-t{target}-s{seed}", flags))
     static = static_runs(init_from, tune_base, preset) if dense else []
@@ -68,7 +74,8 @@ def main(argv=None):
     out_dirs = kit.run_all(runs + [(name, flags) for name, flags, _ in static], runs_dir)
     rows = [kit.summarize(name, flags, runs_dir / name) for name, flags in dense]
     rows += [kit.summarize(name, flags, out_dirs[name]) for name, flags in runs]
-    rows += [{**kit.summarize(name, flags, out_dirs[name]), "static_capacity": cap, "val_capacity": cap}
+    rows += [{**kit.summarize(name, flags, out_dirs[name]), "static_capacity": cap,
+              "val_capacity": cap}
              for name, flags, cap in static]
     if dense:
         add_forward_times(rows, runs_dir, init_from, tune_base)
@@ -106,8 +113,9 @@ def add_forward_times(rows, runs_dir, init_from, tune_base):
             row["forward_time_vs_dense"] = 1.0
             continue
         if row["run"].startswith("static"):
-            model = MindSkipGPT.from_dense(dense, MindSkipConfig(skip=row["skip"], skip_layers=row["skip_layers"],
-                                                                  gate_threshold=2.0))
+            model = MindSkipGPT.from_dense(
+                dense, MindSkipConfig(skip=row["skip"], skip_layers=row["skip_layers"],
+                                      gate_threshold=2.0))
         else:
             model, _ = checkpoint.load_model(runs_dir / row["run"])
         row["forward_time_vs_dense"] = round(forward_seconds(model, idx) / reference, 4)
@@ -137,7 +145,8 @@ def static_runs(init_from, tune_base, preset):
     dense.eval()
     T = dense.config.block_size
     tokens = np.fromfile(checkpoint.data_dir(tune_base["dataset"]) / "train.bin", dtype=np.uint16)
-    idx = torch.from_numpy(tokens[: 64 * T].astype(np.int64)).view(64, T)  # the start of the tuning slice
+    # the start of the tuning slice
+    idx = torch.from_numpy(tokens[: 64 * T].astype(np.int64)).view(64, T)
     candidates = MindSkipConfig().routed_layers(dense.config.n_layer)
     runs = []
     for skip in preset["skips"]:
@@ -157,7 +166,8 @@ def draw(rows, path):
     if plt is None:
         return
     timed = all("forward_time_vs_dense" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 6.5, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 6.5, 4.5),
+                             squeeze=False)
     for ax, x_key in zip(axes[0], ("val_capacity", "forward_time_vs_dense")):
         for skip, color in zip(("attn", "mlp", "block"), ("C0", "C1", "C2")):
             for level, marker in (("sequence", "o"), ("token", "x")):
@@ -169,7 +179,8 @@ def draw(rows, path):
             static = sorted((r[x_key], r["val_loss"]) for r in rows
                             if r.get("skip") == skip and r["run"].startswith("static"))
             if static:
-                ax.plot(*zip(*static), "s--", color=color, alpha=0.7, label=f"{skip} dropped statically")
+                ax.plot(*zip(*static), "s--", color=color, alpha=0.7,
+                        label=f"{skip} dropped statically")
         for r in rows:
             if r["variant"] == "baseline":
                 ax.axhline(r["val_loss"], color="k", linestyle="--", label="dense model")

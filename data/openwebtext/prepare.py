@@ -42,6 +42,12 @@ def stop(message):
     sys.exit(2)
 
 
+# what a 404 from the hub most likely means, and the way around it
+MOVED_HINT = (f"The hub repository {REPO} has changed layout over time: pass --revision with a "
+              "commit that still has subsets/, or use the original archive on Zenodo "
+              "(record 3834942, openwebtext.tar.xz).")
+
+
 def subset_url(base_url, revision, i):
     return f"{base_url}/datasets/{REPO}/resolve/{revision}/subsets/urlsf_subset{i:02d}.tar"
 
@@ -56,10 +62,7 @@ def download(url, dest, timeout=60, chunk_size=1 << 20):
     try:
         with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
             if response.status_code == 404:
-                raise DownloadError(
-                    f"{url} was not found (404). The hub repository {REPO} has changed layout "
-                    f"over time: pass --revision with a commit that still has subsets/, or use the "
-                    f"original archive on Zenodo (record 3834942, openwebtext.tar.xz).")
+                raise DownloadError(f"{url} was not found (404). {MOVED_HINT}")
             if response.status_code == 416:  # .part is complete or longer than the file: start over
                 os.remove(part)
                 return download(url, dest, timeout, chunk_size)
@@ -75,15 +78,16 @@ def download(url, dest, timeout=60, chunk_size=1 << 20):
                     f.write(chunk)
                     done += len(chunk)
                     if done - last_report >= 50e6 or done == total:
-                        print(f"\r{os.path.basename(dest)}: {done / 1e6:,.0f} / {total / 1e6:,.0f} MB",
-                              end="", flush=True)
+                        print(f"\r{os.path.basename(dest)}: "
+                              f"{done / 1e6:,.0f} / {total / 1e6:,.0f} MB", end="", flush=True)
                         last_report = done
             print()
     except requests.RequestException as e:
         raise DownloadError(f"Download of {url} failed: {e}\nRun again to resume; "
                             f"--base_url points at a mirror.") from None
     if total and done != total:
-        raise DownloadError(f"Download of {url} stopped at {done:,} of {total:,} bytes; run again to resume.")
+        raise DownloadError(f"Download of {url} stopped at {done:,} of {total:,} bytes; "
+                            "run again to resume.")
     os.replace(part, dest)
     return dest
 
@@ -94,11 +98,13 @@ def documents(subset_tar):
         for member in outer:
             if not (member.isfile() and member.name.endswith(".xz")):
                 continue
-            with lzma.open(outer.extractfile(member)) as xz, tarfile.open(fileobj=xz, mode="r|") as inner:
-                for doc in inner:  # stream mode: each document is read as the walk reaches it
-                    if doc.isfile() and doc.name.endswith(".txt"):
-                        # strip, as the hub's own loader does, so token counts match nanoGPT's
-                        yield inner.extractfile(doc).read().decode("utf-8", errors="replace").strip()
+            with lzma.open(outer.extractfile(member)) as xz:
+                with tarfile.open(fileobj=xz, mode="r|") as inner:
+                    for doc in inner:  # stream mode: each document is read as the walk reaches it
+                        if doc.isfile() and doc.name.endswith(".txt"):
+                            # strip, as the hub's own loader does, so token counts match nanoGPT's
+                            raw = inner.extractfile(doc).read()
+                            yield raw.decode("utf-8", errors="replace").strip()
 
 
 def batches(iterable, size):
@@ -125,13 +131,19 @@ def tokenize(docs):
     return [np.array(_enc.encode_ordinary(d) + [_enc.eot_token], dtype=np.uint16) for d in docs]
 
 
+def download_subsets(out_dir, subsets, revision, base_url):
+    """Download the first `subsets` tar files into out_dir/downloads; return their paths."""
+    downloads = os.path.join(out_dir, "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    return [download(subset_url(base_url, revision, i),
+                     os.path.join(downloads, f"urlsf_subset{i:02d}.tar"))
+            for i in range(subsets)]
+
+
 def prepare(out_dir=HERE, subsets=N_SUBSETS, revision="main", base_url="https://huggingface.co",
             num_proc=8, val_fraction=0.0005, enc=None, seed=2357):
     """Download `subsets` tar files, then write out_dir/train.bin and out_dir/val.bin."""
-    downloads = os.path.join(out_dir, "downloads")
-    os.makedirs(downloads, exist_ok=True)
-    tars = [download(subset_url(base_url, revision, i), os.path.join(downloads, f"urlsf_subset{i:02d}.tar"))
-            for i in range(subsets)]
+    tars = download_subsets(out_dir, subsets, revision, base_url)
     if enc is None:
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")  # fetches GPT-2's BPE files once, then caches them
@@ -142,31 +154,36 @@ def prepare(out_dir=HERE, subsets=N_SUBSETS, revision="main", base_url="https://
             yield from documents(path)
 
     # Each document goes to val with probability val_fraction, drawn here in document order so
-    # the split does not depend on --num_proc. Files are appended as raw uint16, which is exactly
-    # what np.memmap(dtype=np.uint16) reads back; the .tmp names keep a crashed run from looking done.
+    # the split does not depend on --num_proc. Files are appended as raw uint16, which is
+    # exactly what np.memmap(dtype=np.uint16) reads back; the .tmp names keep a crashed run
+    # from looking done.
     rng = np.random.default_rng(seed)
     paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
     files = {split: open(path + ".tmp", "wb") for split, path in paths.items()}
     counts = {"train": 0, "val": 0}
     n_docs = 0
     with Pool(num_proc, initializer=_set_encoding, initargs=(enc,)) as pool:
-        for step, token_lists in enumerate(pool.imap(tokenize, batches(all_documents(), DOCS_PER_TASK))):
+        tokenized = pool.imap(tokenize, batches(all_documents(), DOCS_PER_TASK))
+        for step, token_lists in enumerate(tokenized):
             for ids, is_val in zip(token_lists, rng.random(len(token_lists)) < val_fraction):
                 split = "val" if is_val else "train"
                 ids.tofile(files[split])
                 counts[split] += len(ids)
             n_docs += len(token_lists)
             if step % 100 == 0:
-                print(f"\r{n_docs:,} documents, {counts['train'] + counts['val']:,} tokens", end="", flush=True)
+                print(f"\r{n_docs:,} documents, {counts['train'] + counts['val']:,} tokens",
+                      end="", flush=True)
     for split, f in files.items():
         f.close()
         os.replace(f.name, paths[split])
-    print(f"\n{n_docs:,} documents: train has {counts['train']:,} tokens, val has {counts['val']:,} -> {out_dir}")
+    print(f"\n{n_docs:,} documents: train has {counts['train']:,} tokens, "
+          f"val has {counts['val']:,} -> {out_dir}")
     return counts
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subsets", type=int, default=N_SUBSETS,
                         help=f"how many of the {N_SUBSETS} tar files to use (default: %(default)s)")
     # No commit hash that still has subsets/ is pinned here, so the default follows the branch;

@@ -7,7 +7,8 @@ Tiny Shakespeare at the character level (40,000 lines of Shakespeare, 1,115,394 
 
 Writes, next to this file (or in --out_dir):
     train.bin, val.bin   character ids as uint16, the first 90% and the last 10% of the text
-    meta.json            {'vocab_size', 'itos', 'stoi'} to decode samples (JSON: reading it runs no code)
+    meta.json            {'vocab_size', 'itos', 'stoi'} to decode samples
+                         (JSON: reading it runs no code)
 """
 
 import argparse
@@ -96,7 +97,8 @@ def prepare(text, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a local copy of input.txt (default: download it)")
     parser.add_argument("--url", default=URL,
                         help="where to download input.txt from (default: %(default)s)")
