@@ -9,6 +9,8 @@ A checkpoint (`out_dir/ckpt.pt`, read with weights_only=True) is a dict:
     config        train.py's TrainConfig as a dict (resume restores it)
     optimizer, iter_num, best_val_loss, val_loss, rng    what resuming needs
     base          only for models that train part of a dense one: where the rest lives
+    itos          the characters of a character dataset (id -> character), None for GPT-2 BPE;
+                  older checkpoints lack it, and sample.py reads their dataset's meta.json
 """
 
 import hashlib
@@ -166,8 +168,9 @@ def pick_device(name):
         return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device=cpu (or auto)")
-    if name == "mps" and not has_mps:
-        fail("--device mps: Apple's MPS backend is not available here; use --device=cpu (or auto)")
+    if name.split(":")[0] == "mps" and not has_mps:
+        fail(f"--device {name}: Apple's MPS backend is not available here; "
+             f"use --device=cpu (or auto)")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        fail(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+        fail(f"--device must be auto, cpu, cuda, cuda:N, mps or mps:N, got {name!r}")
     return name

@@ -39,6 +39,13 @@ def vocab_size(dataset):
     return meta["vocab_size"] if meta else 50304
 
 
+def char_vocabulary(dataset):
+    """The dataset's characters as a list (id -> character) for its checkpoints to keep, so that
+    sampling never depends on the folder again; None for GPT-2 BPE datasets."""
+    meta = read_meta(data_dir(dataset))
+    return None if meta is None else [ch for _, ch in sorted(meta["itos"].items())]
+
+
 class Batches:
     """Windows of a uint16 token file. The generator is shared by all processes so that every
     rank draws the same global batch and takes its own slice (DDP == one process). With

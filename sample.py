@@ -5,8 +5,10 @@ Sample from a trained model (any variant) or from pretrained GPT-2.
     python sample.py --out_dir=out-mod --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt
     python sample.py --show_depth=True                # shade each token by the depth it used
+    python sample.py --bpe_ranks=gpt2.tiktoken        # GPT-2 BPE offline, from a local file
 """
 
+import base64
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -14,8 +16,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import data_dir, is_gpt2_weights, load_model, pick_device, pretrained, read_meta
+from checkpoint import data_dir, is_gpt2_weights, load_model, pick_device, pretrained
 from configurator import build, fail, parse_value, read_flags
+from dataset import char_vocabulary
+
+GPT2_VOCAB = 50257  # GPT-2's BPE: 50,256 byte-level tokens and <|endoftext|>
 
 
 @dataclass
@@ -31,13 +36,19 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     use_cache: bool = True  # KV cache: the prompt runs once, then one position per token
     show_depth: bool = False  # shade each token by how much of the network it used
+    bpe_ranks: str = ""  # GPT-2 BPE from a local ranks file in tiktoken's format (offline)
 
     def __post_init__(self):
         for flag in ("num_samples", "max_new_tokens"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
-        if self.temperature < 0 or self.top_k < 0:
-            raise ValueError("--temperature and --top_k must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError("--top_k must be >= 0")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
 
 
 def parse_args(argv):
@@ -51,18 +62,36 @@ def parse_args(argv):
 
 
 def load(cfg):
-    """(model, dataset name or None) from a checkpoint or the hub."""
+    """(model, its characters (id -> character) or None for GPT-2 BPE) from a checkpoint or
+    the hub."""
     if cfg.init_from != "resume" and is_gpt2_weights(cfg.init_from):
         return pretrained(cfg.init_from), None
     model, ckpt = load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
-    return model, ckpt.get("config", {}).get("dataset")
+    return model, vocabulary(ckpt, model.config.vocab_size)
 
 
-def tokenizer(dataset):
-    """The dataset's characters when it has a vocabulary file (meta.json), else GPT-2 BPE."""
-    meta = read_meta(data_dir(dataset)) if dataset else None
-    if meta is not None:
-        stoi, itos = meta["stoi"], meta["itos"]
+def vocabulary(ckpt, vocab):
+    """The characters the checkpoint keeps. An older checkpoint keeps none: its dataset's
+    meta.json is read, and refused when it cannot be the model's (a model from scratch on
+    characters has exactly one embedding per character, a BPE model at least GPT2_VOCAB)."""
+    if "itos" in ckpt:
+        return ckpt["itos"]
+    dataset = ckpt.get("config", {}).get("dataset")
+    itos = char_vocabulary(dataset) if dataset else None
+    if vocab < GPT2_VOCAB and len(itos or []) != vocab:
+        found = f"{len(itos)} characters" if itos else "no meta.json"
+        place = data_dir(dataset) if dataset else "the checkpoint's dataset (unnamed)"
+        fail(f"{place} holds {found}, not the {vocab} characters this "
+             f"checkpoint was trained on: prepare that dataset as it was (checkpoints trained "
+             f"from now on keep their characters)")
+    return itos
+
+
+def tokenizer(itos, bpe_ranks, vocab):
+    """(encode, decode) with the model's characters, else GPT-2's BPE. An id past the tokenizer's
+    (GPT-2's padding to 50304, never trained on) decodes as U+FFFD."""
+    if itos is not None:
+        stoi = {ch: i for i, ch in enumerate(itos)}
 
         def encode(s):
             unknown = sorted({c for c in s if c not in stoi})
@@ -70,10 +99,73 @@ def tokenizer(dataset):
                 fail(f"--start: the prompt has characters this model never saw: {unknown}")
             return [stoi[c] for c in s]
 
-        return encode, lambda ids: "".join(itos[i] for i in ids)
+        return encode, lambda ids: "".join(itos[i] if i < len(itos) else "\ufffd" for i in ids)
+    enc = gpt2_encoding(bpe_ranks)
+    if enc.n_vocab > vocab:
+        fail(f"{bpe_ranks or 'GPT-2 BPE'} has {enc.n_vocab} tokens, more than the model's "
+             f"{vocab}: pass the --bpe_ranks the model was trained with")
+
+    def decode(ids):
+        pieces = (enc.decode_single_token_bytes(i) if i < enc.n_vocab else "\ufffd".encode()
+                  for i in ids)
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    return (lambda s: enc.encode(s, allowed_special="all")), decode
+
+
+def gpt2_encoding(bpe_ranks):
+    """tiktoken's GPT-2 encoding: downloaded (then cached) by tiktoken, or built the way
+    tiktoken_ext/openai_public.py builds it (GPT-2's split pattern, <|endoftext|> after the
+    last rank) from the local ranks file --bpe_ranks."""
     import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    if bpe_ranks:
+        ranks = read_ranks(Path(bpe_ranks))
+        return tiktoken.Encoding("gpt2_local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={ENDOFTEXT: max(ranks.values()) + 1})
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline, a proxy, a bad cache: whatever the download raised
+        fail(f"GPT-2's BPE could not be loaded (tiktoken downloads it once: "
+             f"{e.__class__.__name__}); offline, pass --bpe_ranks=PATH to GPT-2's ranks in "
+             f"tiktoken's format (r50k_base.tiktoken)")
+
+
+def read_ranks(path):
+    """{token bytes: rank}, one 'base64-token rank' per line: tiktoken's .tiktoken format, read
+    as tiktoken.load.load_tiktoken_bpe reads it but without copying the file into its cache."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        fail(f"--bpe_ranks: cannot read {path} ({e.strerror})")
+    ranks = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            fail(f"--bpe_ranks: line {n} of {path} is not 'base64-token rank' (tiktoken's format)")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        fail(f"--bpe_ranks: {path} lacks some of the 256 one-byte tokens: not byte-level BPE ranks")
+    return ranks
+
+
+def read_prompt(start):
+    """--start, or the UTF-8 text of the file it names as FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[5:])
+    if not path.exists():
+        fail(f"--start: no prompt file at {path}")
+    if path.is_dir():
+        fail(f"--start: {path} is a folder; name a text file in it")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"--start: {path} is not UTF-8 text (byte {e.start}); save the prompt as UTF-8")
+    except OSError as e:
+        fail(f"--start: cannot read {path} ({e.strerror})")
 
 
 SHADES = [236, 240, 244, 248, 252, 255]  # ANSI 256-colour greys: darker = less of the network
@@ -113,16 +205,10 @@ def main(argv):
     cfg = parse_args(argv)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, dataset = load(cfg)
+    model, itos = load(cfg)
     model.eval().to(device)
-    encode, decode = tokenizer(dataset)
-    start = cfg.start
-    if start.startswith("FILE:"):
-        path = Path(start[5:])
-        if not path.exists():
-            fail(f"--start: no prompt file at {path}")
-        start = path.read_text(encoding="utf-8")
-    ids = encode(start)
+    encode, decode = tokenizer(itos, cfg.bpe_ranks, model.config.vocab_size)
+    ids = encode(read_prompt(cfg.start))
     if not ids:
         fail("--start: the prompt is empty: pass at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
