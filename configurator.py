@@ -21,6 +21,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import sys
 import textwrap
 import tokenize
@@ -43,11 +44,14 @@ def parse_value(text, field):
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
-        return kind(text)
+        value = kind(text)
     except ValueError:
         wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(
             kind, kind.__name__)
         fail(f"--{field.name} expects {wanted}, got {text!r}")
+    if kind is float and not math.isfinite(value):  # nan or inf: no setting means that
+        fail(f"--{field.name} expects a finite number, got {text!r}")
+    return value
 
 
 def read_config_file(path):

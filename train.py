@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (dense_model, file_sha256, is_gpt2_weights, load_model, pick_device,
                         read_checkpoint, save_checkpoint)
 from configurator import fail
-from dataset import Batches, ensure_data, vocab_size
+from dataset import Batches, char_vocabulary, ensure_data, vocab_size
 from model import GPTConfig
-from train_config import DTYPES, TrainConfig, parse_args, resume_settings
+from train_config import DTYPES, TrainConfig, check_out_dir, parse_args, resume_settings
 from variants import VARIANTS
 
 # --- model -----------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def save(run, val_loss=None):
         "model": run.raw_model.checkpoint_state_dict(), "model_args": asdict(run.raw_model.config),
         "variant": run.cfg.variant, "variant_args": asdict(run.settings) if run.settings else {},
         "optimizer": run.optimizer.state_dict(), "iter_num": run.iter_num,
-        "best_val_loss": run.best_val_loss,
+        "best_val_loss": run.best_val_loss, "itos": char_vocabulary(run.cfg.dataset),
         "val_loss": val_loss, "config": asdict(run.cfg),
         "rng": {"torch": torch.get_rng_state(), **run.batches.state()},
     }
@@ -364,9 +364,8 @@ def configure(argv):
     if cfg.init_from == "resume":
         ckpt, _ = read_checkpoint(cfg.out_dir)
         return (*resume_settings(cfg, settings, given, ckpt), ckpt)
-    if (Path(cfg.out_dir) / "ckpt.pt").exists() and not cfg.overwrite and not cfg.eval_only:
-        fail(f"{cfg.out_dir} already holds a checkpoint: pick another --out_dir, continue it with "
-             f"--init_from=resume, or pass --overwrite=True to replace it")
+    if not cfg.eval_only:  # eval_only writes nothing
+        check_out_dir(cfg)
     defaults = VARIANTS[cfg.variant][0].train_defaults(cfg)
     own = {k: getattr(cfg, k) for k in defaults if k not in given}
     if own and int(os.environ.get("RANK", 0)) == 0:

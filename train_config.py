@@ -8,7 +8,9 @@ Flag values come from configurator.read_flags (command line and config files); t
 TrainConfig's defaults, then the variant's train_defaults, then what the user gave.
 """
 
+import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -78,8 +80,11 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_head {self.n_head} must divide --n_embd {self.n_embd} "
                              f"(each head gets n_embd / n_head)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for flag in ("dropout", "beta1", "beta2"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if not 0 <= self.seed < 2**63:  # what torch.manual_seed and the eval seed (+1) take
+            raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, "
                              f"got {self.dtype!r}")
@@ -120,6 +125,9 @@ def parse_args(argv, usage=""):
     settings_cls = VARIANTS[variant][1]
     settings = build(settings_cls, variant_values) if settings_cls else None
     cfg = build(TrainConfig, {**variant_defaults(variant, train_values), **train_values})
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # after the variant's own defaults
+        fail(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}: the decay "
+             f"would raise the rate; pass a lower --min_lr (usually learning_rate / 10)")
     return cfg, settings, set(raw)
 
 
@@ -155,10 +163,31 @@ def resume_settings(cfg, settings, given, ckpt):
                  f"with; resume continues a run as it was (start a new run with --out_dir to "
                  f"change it)")
     changed = {k: getattr(cfg, k) for k in given & MAY_CHANGE_ON_RESUME}
-    restored = TrainConfig(**{**stored, **changed, "variant": ckpt["variant"],
-                              "init_from": "resume", "out_dir": cfg.out_dir})
+    restored = build(TrainConfig, {**stored, **changed, "variant": ckpt["variant"],
+                                   "init_from": "resume", "out_dir": cfg.out_dir})
+    if ckpt["iter_num"] >= restored.max_iters and not restored.eval_only:
+        fail(f"--max_iters {restored.max_iters}: the checkpoint in {cfg.out_dir} is at iter "
+             f"{ckpt['iter_num']} already; raise --max_iters to train on")
     for key in sorted(given & MAY_CHANGE_ON_RESUME - {"init_from", "out_dir"}):
         if key in stored and stored[key] != getattr(restored, key):
             print(f"resume: --{key} {stored[key]} -> {getattr(restored, key)}")
     settings_cls = VARIANTS[ckpt["variant"]][1]
     return restored, (build(settings_cls, stored_variant) if settings_cls else None)
+
+
+def check_out_dir(cfg):
+    """Refuse an --out_dir a new run cannot write, before any model or data is built: one
+    holding a checkpoint (unless --overwrite), a file, or a place where no folder can be made
+    (tried with a throwaway folder, removed at once)."""
+    out = Path(cfg.out_dir)
+    if (out / "ckpt.pt").exists() and not cfg.overwrite:
+        fail(f"{out} already holds a checkpoint: pick another --out_dir, continue it with "
+             f"--init_from=resume, or pass --overwrite=True to replace it")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--out_dir {out}: {existing} is a file, not a folder; pick another --out_dir")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        fail(f"--out_dir {out}: cannot make a folder in {existing} ({e.strerror}); "
+             f"pick another --out_dir")

@@ -183,3 +183,66 @@ def test_a_failed_optional_import_says_why_and_not_installed_only_when_it_is_not
         (None, "no_such_package_here is not installed (pip install no_such_package_here)")
     assert configurator.import_optional("broken") == \
         (None, "broken failed to import: ModuleNotFoundError: No module named 'tokenizers_missing_here'")
+
+
+# --- bad training flags: one line naming the flag, exit code 2, nothing written ---------------
+
+def user_error(capsys, argv):
+    """train.main(argv) must end in exit code 2 and one line on stderr, without a traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--beta1=2"], "--beta1"),
+    (["--beta2=-1"], "--beta2"),
+    (["--seed=99999999999999999999"], "--seed"),
+    (["--seed=-1"], "--seed"),
+    (["--grad_clip=nan"], "--grad_clip"),
+    (["--weight_decay=nan"], "--weight_decay"),
+    (["--learning_rate=inf"], "--learning_rate"),
+    (["--dropout=nan"], "--dropout"),
+    (["--min_lr=1e-2"], "--min_lr"),
+    (["--learning_rate=1e-5"], "--min_lr"),  # below the default --min_lr 1e-4
+    (["--variant=mod", "--aux_loss_coef=nan"], "--aux_loss_coef"),
+    (["--variant=mom", "--router_temperature=inf"], "--router_temperature"),
+    (["--variant=mom", "--router_temperature=nan"], "--router_temperature"),
+    (["--variant=mom", "--router_temperature=0"], "--router_temperature"),
+])
+def test_bad_training_flags_are_refused_before_anything_runs(dataset, tmp_path, capsys, flags, named):
+    out = tmp_path / "out"
+    assert named in user_error(capsys, tiny_flags(dataset, out) + flags)
+    assert not out.exists()
+
+
+def test_min_lr_is_free_without_decay_and_a_variants_own_min_lr_counts():
+    assert train.parse_args(["--min_lr=1", "--decay_lr=False"])[0].min_lr == 1
+    cfg = train.parse_args(["--variant=router_tuning", "--learning_rate=1e-5"])[0]  # it sets min_lr=0
+    assert (cfg.learning_rate, cfg.min_lr) == (1e-5, 0.0)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "/proc"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_is_built(dataset, tmp_path, capsys,
+                                                                               monkeypatch, where):
+    if where == "/proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("mine")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run", "/proc": "/proc/nope"}[where]
+    monkeypatch.setattr(train, "setup", lambda *a: pytest.fail("setup ran"))
+    assert "--out_dir" in user_error(capsys, tiny_flags(dataset, out))
+    assert (tmp_path / "file").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["chars", "file"]
+
+
+def test_resume_at_or_past_max_iters_says_so_and_leaves_the_run_alone(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_flags(dataset, run, max_iters=4, eval_interval=2))
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    for flags in (["--max_iters=2"], []):  # fewer than done, or the run's own (done already)
+        err = user_error(capsys, ["--init_from=resume", f"--out_dir={run}", *flags])
+        assert err.startswith(f"--max_iters {2 if flags else 4}:") and "at iter 4 already" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files

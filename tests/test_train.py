@@ -168,7 +168,7 @@ def test_a_new_run_refuses_a_folder_holding_a_checkpoint_unless_told_to_overwrit
 
 def test_a_non_finite_model_is_never_saved_and_the_message_is_true(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(tiny_flags(dataset, tmp_path, learning_rate=float("inf"), max_iters=3, warmup_iters=0,
+        train.main(tiny_flags(dataset, tmp_path, learning_rate=1e30, max_iters=3, warmup_iters=0,
                               eval_interval=1))
     err = capsys.readouterr().err
     assert e.value.code == 1 and "loss became" in err and "no checkpoint was saved" in err
