@@ -19,15 +19,17 @@ machine slows them alike; the median round counts, and the spread (max - min) / 
 rounds is printed with a warning over 10%.
 """
 
+import os
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
 from benchmarks.checkpoints import measure_checkpoints
 from benchmarks.decode import bench_decode
 from benchmarks.kernel_compare import compare_kernels
-from benchmarks.training import bench_training
+from benchmarks.training import bench_training, build
 from checkpoint import pick_device
 from configurator import build as build_settings, fail, parse_value, read_flags
 from model import GPTConfig
@@ -103,7 +105,32 @@ def parse_args(argv):
     for name in names:
         cls = VARIANTS[name][1]
         settings[name] = build_settings(cls, per_variant[name]) if cls else None
+    check_csv(cfg.csv)
     return cfg, settings
+
+
+def check_csv(path):
+    """--csv must be writable before minutes of measuring, yet nothing is written until then."""
+    if not path:
+        return
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        fail(f"--csv {path} is a folder: name a file, e.g. --csv={Path(path) / 'bench.csv'}")
+    if not folder.is_dir():
+        fail(f"--csv {path}: {folder} is not a folder; create it or pick another path")
+    if not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        fail(f"--csv {path}: not writable here; pick another path")
+
+
+def check_builds(settings, config):
+    """Build every model once on the meta device (no memory, no time), so a setting the model's
+    size cannot hold (--route_every past the last layer) stops here, before any measuring."""
+    for name, variant_settings in settings.items():
+        try:
+            with torch.device("meta"):
+                build(name, variant_settings, config, seed=0)
+        except ValueError as e:
+            fail(f"{name}: {e}")
 
 
 def main(argv):
@@ -119,6 +146,7 @@ def main(argv):
     context = max(cfg.block_size, cfg.max_new_tokens + 1) if cfg.decode else cfg.block_size
     config = GPTConfig(block_size=context, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_embd=cfg.n_embd)
+    check_builds(settings, config)
     print(f"# {config.n_layer}x{config.n_head}x{config.n_embd}, vocab {config.vocab_size}, "
           f"device {where}, {cfg.dtype}, "
           f"{'compiled' if cfg.compile else 'eager (--compile=True compiles)'}")

@@ -24,11 +24,14 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 def read_gpt2(name_or_path, cache_dir=None, base_url=None):
     """-> (GPTConfig fields as a dict, state dict in nanodepth's names). Raises ValueError,
     FileNotFoundError or RuntimeError (download) with a message that names the file."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         weights_file, config_file = path, path.parent / "config.json"
     elif path.is_dir():
         weights_file, config_file = path / "model.safetensors", path / "config.json"
+    elif looks_like_path(name_or_path):
+        raise FileNotFoundError(f"no file at {name_or_path} (pass an existing .safetensors file or "
+                                f"a folder holding config.json and model.safetensors)")
     else:
         weights_file = download_from_hub(name_or_path, "model.safetensors", cache_dir, base_url)
         config_file = download_from_hub(name_or_path, "config.json", cache_dir, base_url)
@@ -56,6 +59,13 @@ def read_gpt2(name_or_path, cache_dir=None, base_url=None):
             v = v.t()
         state_dict[k if k == "lm_head.weight" else "transformer." + k] = v.float()
     return config, state_dict
+
+
+def looks_like_path(name):
+    """A hub name is `name` or `owner/name`; anything else is meant as a local path: absolute,
+    starting with . or ~, ending in .safetensors, or with more than one separator."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith(".safetensors")
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
 
 
 SAFETENSORS_DTYPES = {
@@ -110,9 +120,8 @@ HF_URL = "https://huggingface.co"
 
 
 def download_from_hub(repo, filename, cache_dir=None, base_url=None):
-    """Fetch {base_url}/{repo}/resolve/main/{filename} into the cache once; return its path."""
-    import requests
-
+    """Fetch {base_url}/{repo}/resolve/main/{filename} into the cache once; return its path.
+    A failed download removes the folders it created, so the cache holds no empty entries."""
     base_url = base_url or os.environ.get("NANODEPTH_HF_URL", HF_URL)
     cache_dir = Path(
         cache_dir or os.environ.get("NANODEPTH_CACHE", Path.home() / ".cache" / "nanodepth")
@@ -120,8 +129,27 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
     target = cache_dir / repo / filename
     if target.exists():
         return target
+    new_folders = [d for d in [target.parent, *target.parent.parents] if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    url = f"{base_url}/{repo}/resolve/main/{filename}"
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        fetch(f"{base_url}/{repo}/resolve/main/{filename}", tmp, repo)
+    except BaseException:  # also Ctrl-C: leave the cache as it was
+        tmp.unlink(missing_ok=True)
+        for folder in new_folders:  # deepest first
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    os.replace(tmp, target)  # atomic: a killed download leaves no half file behind
+    return target
+
+
+def fetch(url, tmp, repo):
+    """Stream url into the file tmp, with a progress line for big files; RuntimeError if the
+    hub does not have it or cannot be reached."""
+    import requests
+
+    filename = url.rsplit("/", 1)[-1]
     try:
         with requests.get(url, stream=True, timeout=30) as r:
             if r.status_code == 404:
@@ -129,8 +157,7 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
                     f"{url} not found (404): is {repo!r} a GPT-2 repository on the hub?"
                 )
             r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            tmp, done = target.with_suffix(target.suffix + ".part"), 0
+            total, done = int(r.headers.get("content-length", 0)), 0
             with open(tmp, "wb") as f:
                 for chunk in r.iter_content(chunk_size=1 << 20):
                     f.write(chunk)
@@ -140,10 +167,8 @@ def download_from_hub(repo, filename, cache_dir=None, base_url=None):
                               end="", file=sys.stderr)
             if total > (1 << 24):
                 print(file=sys.stderr)
-            os.replace(tmp, target)  # atomic: a killed download leaves no half file behind
     except requests.RequestException as e:
         raise RuntimeError(
             f"could not download {url} ({e.__class__.__name__}). Check your connection, or pass a "
             f"local directory holding config.json and model.safetensors instead of {repo!r}."
         ) from None
-    return target

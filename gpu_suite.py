@@ -46,7 +46,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=128, dropo
 
 @dataclass
 class SuiteConfig:
-    out_dir: str = "gpu_results"
+    out_dir: str = "gpu_results"  # results.json, the CSVs, summary.md and logs/ go here
     device: str = "cuda"  # cuda: GPT-2 124M dims, bf16 | cpu: a dry run at tiny dims, fp32
     budget_s: float = 420.0  # wall clock for everything; parts that would not fit are skipped
     batch_size: int = 0  # training batch; 0: 8 sequences of 1,024 tokens on cuda, 2 on cpu
@@ -82,7 +82,7 @@ class Job:
 def parse_args(argv):
     own = {f.name: f for f in SuiteConfig.__dataclass_fields__.values()}
     values = {}
-    for key, text in read_flags(argv).items():
+    for key, text in read_flags(argv, __doc__, [("suite", SuiteConfig)]).items():
         if key not in own:
             fail(f"unknown flag --{key}. Valid: {', '.join(own)}")
         values[key] = parse_value(text, own[key])
@@ -92,9 +92,33 @@ def parse_args(argv):
         if name not in VARIANTS:
             fail(f"--variants / --compiled: unknown variant {name!r}; "
                  f"choose from {', '.join(VARIANTS)}")
+    check_compiled(cfg.compiled)
+    check_out_dir(cfg.out_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda: no CUDA GPU is visible to PyTorch; use --device=cpu for the dry run")
     return cfg, names
+
+
+def check_compiled(compiled):
+    """A compiled case is a variant, or variant:kernels for one whose settings have kernels."""
+    for case in filter(None, compiled.split(",")):
+        name, colon, kernels = case.partition(":")
+        settings_cls = VARIANTS[name][1]
+        has_kernels = settings_cls is not None and "kernels" in settings_cls.__dataclass_fields__
+        if colon and not has_kernels:
+            fail(f"--compiled: {name} has no kernels setting; write {name!r} without ':{kernels}'")
+        if colon and kernels not in ("torch", "triton"):
+            fail(f"--compiled: {case!r} names kernels {kernels!r}; use torch or triton "
+                 f"(e.g. {name}:triton)")
+
+
+def check_out_dir(out_dir):
+    """--out_dir may be missing (it is created), but not be a file or lie under one."""
+    folder = Path(out_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"--out_dir {out_dir}: {folder} is a file, not a folder; pick another --out_dir")
 
 
 # --- the plan ---------------------------------------------------------------------------------

@@ -202,6 +202,10 @@ def repo_files(root):
 
 def copy_repo(root, out, leave_out=()):
     out = Path(out)
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out.absolute() else f"lies under the file {existing}"
+        raise KitError(f"{out} {where}: choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise KitError(f"{out} exists and is not empty: choose a new folder")
     for rel in repo_files(root):

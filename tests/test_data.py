@@ -128,10 +128,14 @@ def test_shakespeare_unreachable_server_prints_how_to_supply_the_file_without_a_
     script = ROOT / "data/shakespeare_char/prepare.py"
     url = f"http://127.0.0.1:{closed_port()}/input.txt"
     env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
-    result = subprocess.run([sys.executable, str(script), "--url", url, "--out_dir", str(tmp_path)],
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(script), "--url", url, "--out_dir", str(out)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "--input path/to/input.txt" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line: what failed, the file, the command
+    assert "input.txt" in result.stderr.split("--input")[0]
+    assert not out.exists()  # a failed download creates no folder
 
 
 def test_shakespeare_input_flag_reads_the_local_file_and_never_downloads(tmp_path, monkeypatch):
@@ -144,6 +148,45 @@ def test_shakespeare_input_flag_reads_the_local_file_and_never_downloads(tmp_pat
 
     train, val, meta = read_split(tmp_path / "out")
     assert shakespeare.decode(np.concatenate([train, val]), meta["itos"]) == TEXT
+
+
+def shakespeare_refuses(args, capsys):
+    """prepare.py's stderr line for args, which must end it with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        shakespeare.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_shakespeare_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    local = tmp_path / "input.txt"
+    local.write_text(TEXT)
+    for out_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        err = shakespeare_refuses(["--input", str(local), "--out_dir", str(out_dir)], capsys)
+        assert "--out_dir" in err and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "too few"), ("a", "too few"), ("0123456789", "too few"),
+    ("".join(map(chr, range(0x20000, 0x20000 + 65537))), "65,536"),
+], ids=["empty", "one character", "ten characters", "65537 distinct characters"])
+def test_shakespeare_input_that_cannot_make_token_files_is_refused(tmp_path, capsys, text, why):
+    local = tmp_path / "input.txt"
+    local.write_text(text, encoding="utf-8")
+    err = shakespeare_refuses(["--input", str(local), "--out_dir", str(tmp_path / "out")], capsys)
+    assert why in err and "--input" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shakespeare_eleven_characters_are_enough_for_two_val_tokens(tmp_path):
+    local = tmp_path / "input.txt"
+    local.write_text("0123456789A")
+    shakespeare.main(["--input", str(local), "--out_dir", str(tmp_path / "out")])
+    train, val, _ = read_split(tmp_path / "out")
+    assert (len(train), len(val)) == (9, 2)
 
 
 # ---------------------------------------------------------------- openwebtext
@@ -251,3 +294,41 @@ def test_openwebtext_missing_subset_exits_naming_the_revision_flag_and_zenodo(se
     message = capsys.readouterr().err
     assert "404" in message and "--revision" in message and "Zenodo" in message and "3834942" in message
     assert server.seen[0][0].endswith("/resolve/no-such-revision/subsets/urlsf_subset00.tar")
+
+
+def openwebtext_refuses(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        openwebtext.main(args + ["--subsets", "1", "--num_proc", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_openwebtext_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for out_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        err = openwebtext_refuses(["--out_dir", str(out_dir), "--base_url", "http://127.0.0.1:9"],
+                                  capsys)
+        assert "--out_dir" in err and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_openwebtext_failed_download_is_one_line_and_removes_the_folders_it_made(tmp_path, capsys):
+    url = f"http://127.0.0.1:{closed_port()}"
+    err = openwebtext_refuses(["--out_dir", str(tmp_path / "new" / "out"), "--base_url", url], capsys)
+    assert "Could not download" in err and "resume" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_openwebtext_failed_download_keeps_an_earlier_part_file(tmp_path, capsys):
+    part = tmp_path / "downloads" / "urlsf_subset00.tar.part"
+    part.parent.mkdir()
+    part.write_bytes(b"x" * 1000)  # an interrupted earlier run, to resume from
+    url = f"http://127.0.0.1:{closed_port()}"
+    openwebtext_refuses(["--out_dir", str(tmp_path), "--base_url", url], capsys)
+    assert part.read_bytes() == b"x" * 1000
+
+
+def test_openwebtext_missing_subset_removes_the_empty_downloads_folder(server, tmp_path, capsys):
+    openwebtext_refuses(["--out_dir", str(tmp_path), "--base_url", server.url], capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -7,9 +7,13 @@ written by hand from the raw tensors. Everything is offline, tiny and seeded.
 import http.server
 import json
 import math
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +24,7 @@ from model import GPT
 from test_model import all_logits, sample_tokens
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
 
 # --- a tiny GPT-2 in Hugging Face layout, written by hand -------------------------------------
 
@@ -280,3 +285,55 @@ def test_a_malformed_safetensors_file_gives_a_clear_value_error(tmp_path, case):
     with pytest.raises(ValueError, match=message) as err:
         load_safetensors(path)
     assert str(path) in str(err.value)  # the message says which file
+
+
+# --- a path that is not there, and failed downloads, leave nothing behind ---------------------
+
+def closed_port_url():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("name", ["{tmp}/x.safetensors", "{tmp}/a/b/weights", "./no-such.safetensors",
+                                  "~/no-such-nanodepth-folder/x", "../no-such-folder"])
+def test_a_local_path_that_is_not_there_is_no_file_not_a_hub_name(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("NANODEPTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NANODEPTH_HF_URL", closed_port_url())  # never the network
+    monkeypatch.chdir(tmp_path)
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no file at") as err:
+        GPT.from_pretrained(name)
+    assert name in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, no folder named after it
+
+
+def test_hub_names_are_still_hub_names():
+    from gpt2_weights import looks_like_path
+    assert not any(map(looks_like_path, ["gpt2", "gpt2-medium", "openai-community/gpt2"]))
+
+
+@pytest.mark.parametrize("cache_exists", [False, True])
+def test_a_failed_download_leaves_no_empty_folder_in_the_cache(tmp_path, hub, monkeypatch,
+                                                                cache_exists):
+    cache = tmp_path / "cache"
+    if cache_exists:
+        (cache / "gpt2").mkdir(parents=True)  # an earlier download's folder stays
+    monkeypatch.setenv("NANODEPTH_CACHE", str(cache))
+    with pytest.raises(RuntimeError, match="404"):
+        GPT.from_pretrained("nobody/missing", base_url=hub.url)
+    with pytest.raises(RuntimeError, match="could not download"):
+        GPT.from_pretrained("gpt2-foo", base_url=closed_port_url())
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == (
+        ["cache", "cache/gpt2"] if cache_exists else [])
+
+
+def test_a_missing_init_from_path_is_one_line_in_sample_py(tmp_path):
+    missing = tmp_path / "x.safetensors"
+    env = dict(os.environ, NANODEPTH_CACHE=str(tmp_path / "cache"),
+               NANODEPTH_HF_URL=closed_port_url(), NO_PROXY="127.0.0.1,localhost")
+    done = subprocess.run([sys.executable, "sample.py", f"--init_from={missing}", "--device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"--init_from {missing}: no file at {missing}" in done.stderr
+    assert list(tmp_path.iterdir()) == []

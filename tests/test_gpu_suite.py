@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,3 +81,28 @@ def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
         done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--device" in done.stderr
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_flag_with_its_default():
+    done = subprocess.run([sys.executable, str(ROOT / "gpu_suite.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--out_dir=gpu_results", "--budget_s=420.0", "--compiled=", "--variants=all"):
+        assert flag in done.stdout, flag
+
+
+@pytest.mark.parametrize("flag, named", [("--compiled=mod:foo", "'foo'"),
+                                         ("--compiled=mom:triton", "mom")])
+def test_compiled_cases_are_checked_before_anything_runs(tmp_path, flag, named):
+    done = suite(tmp_path / "out", flag, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--compiled" in done.stderr and named in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, out):
+    (tmp_path / "afile").write_text("mine")
+    done = suite(tmp_path / out, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--out_dir" in done.stderr and (tmp_path / "afile").read_text() == "mine"

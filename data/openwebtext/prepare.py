@@ -82,9 +82,11 @@ def download(url, dest, timeout=60, chunk_size=1 << 20):
                               f"{done / 1e6:,.0f} / {total / 1e6:,.0f} MB", end="", flush=True)
                         last_report = done
             print()
-    except requests.RequestException as e:
-        raise DownloadError(f"Download of {url} failed: {e}\nRun again to resume; "
-                            f"--base_url points at a mirror.") from None
+    except requests.RequestException as e:  # the class name: urllib3's own text runs to lines
+        reason = (f"HTTP {e.response.status_code}" if e.response is not None
+                  else e.__class__.__name__)
+        raise DownloadError(f"Could not download {url} ({reason}); run again to resume, or "
+                            f"pass --base_url with a mirror") from None
     if total and done != total:
         raise DownloadError(f"Download of {url} stopped at {done:,} of {total:,} bytes; "
                             "run again to resume.")
@@ -181,6 +183,18 @@ def prepare(out_dir=HERE, subsets=N_SUBSETS, revision="main", base_url="https://
     return counts
 
 
+def new_folders(out_dir):
+    """The folders a run creates for out_dir/downloads, deepest first; stops if out_dir is a
+    file or lies under one."""
+    folder, missing = os.path.abspath(os.path.join(out_dir, "downloads")), []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        stop(f"--out_dir {out_dir}: {folder} is a file, not a folder; pick another --out_dir")
+    return missing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,10 +219,14 @@ def main(argv=None):
         parser.error(f"--num_proc must be >= 1, got {args.num_proc}")
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    created = new_folders(args.out_dir)
     try:
         prepare(args.out_dir, args.subsets, args.revision, args.base_url.rstrip("/"),
                 args.num_proc, args.val_fraction)
     except DownloadError as e:
+        for folder in created:  # left empty by the failure; a .part to resume from keeps its own
+            if not os.listdir(folder):
+                os.rmdir(folder)
         stop(str(e))
 
 

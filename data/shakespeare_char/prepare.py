@@ -37,25 +37,26 @@ def stop(message):
 
 
 def offline_hint(reason):
-    return (f"{reason}\nCould not get Tiny Shakespeare. Without internet here, fetch input.txt "
-            f"elsewhere ({URL}) and run:\n"
-            f"    python data/shakespeare_char/prepare.py --input path/to/input.txt")
+    """One line: what failed, and the command that works without internet."""
+    return (f"{reason}; get that input.txt another way and run: "
+            f"python data/shakespeare_char/prepare.py --input path/to/input.txt")
 
 
-def download(url, dest, sha256=SHA256, timeout=30):
-    """Fetch url into dest, checking the bytes against sha256 before writing anything."""
+def download(url, sha256=SHA256, timeout=30):
+    """The bytes at url, checked against sha256; the caller writes them (a failure writes
+    nothing)."""
     try:
         response = requests.get(url, timeout=timeout)
         response.raise_for_status()
-    except requests.RequestException as e:
-        raise DownloadError(offline_hint(f"Download of {url} failed: {e}")) from None
+    except requests.RequestException as e:  # the class name: urllib3's own text runs to lines
+        reason = (f"HTTP {e.response.status_code}" if e.response is not None
+                  else e.__class__.__name__)
+        raise DownloadError(offline_hint(f"Could not download {url} ({reason})")) from None
     digest = hashlib.sha256(response.content).hexdigest()
     if digest != sha256:
         raise DownloadError(offline_hint(
             f"Checksum mismatch for {url}: expected sha256 {sha256}, got {digest}"))
-    with open(dest, "wb") as f:
-        f.write(response.content)
-    return dest
+    return response.content
 
 
 def build_vocab(text):
@@ -96,6 +97,34 @@ def prepare(text, out_dir):
     return train_ids, val_ids, stoi, itos
 
 
+def check_out_dir(out_dir):
+    """--out_dir may be missing (it is created), but not a file or under one."""
+    folder = os.path.abspath(out_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        stop(f"--out_dir {out_dir}: {folder} is a file, not a folder; pick another --out_dir")
+
+
+def check_text(text, source):
+    """Stop on a text that cannot become token files."""
+    if len(set(text)) > 65536:
+        stop(f"{source} has {len(set(text)):,} distinct characters; train.bin stores uint16 ids, "
+             f"so at most 65,536 fit")
+    # each split must hold a character and the next one to predict: 2 in val (the last 10%)
+    if min(len(part) for part in split(text)) < 2:
+        stop(f"{source} holds {len(text)} characters, too few: the val split (the last 10%) "
+             f"needs at least 2, so give at least 11")
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        stop(f"Cannot read {path}: {e}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,21 +134,18 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=HERE,
                         help="where train.bin / val.bin / meta.json go (default: %(default)s)")
     args = parser.parse_args(argv)
-
-    path = args.input
-    if path is None:
-        path = os.path.join(args.out_dir, "input.txt")
-        if not os.path.exists(path):  # a file kept from an earlier run was checked when downloaded
-            os.makedirs(args.out_dir, exist_ok=True)
-            try:
-                download(args.url, path, SHA256)
-            except DownloadError as e:
-                stop(str(e))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        stop(f"Cannot read {path}: {e}")
+    check_out_dir(args.out_dir)
+    kept = os.path.join(args.out_dir, "input.txt")  # an earlier download, checked back then
+    if args.input is None and not os.path.exists(kept):
+        try:
+            data = download(args.url, SHA256)
+        except DownloadError as e:
+            stop(str(e))
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(kept, "wb") as f:  # kept, so the next run needs no network
+            f.write(data)
+    text = read_text(args.input or kept)
+    check_text(text, f"--input {args.input}" if args.input else kept)
     prepare(text, args.out_dir)
 
 
