@@ -233,7 +233,7 @@ def our_generate(name, dims, device):
             cache = model.new_cache(
                 {
                     layer: torch.full((prompt.size(0),), i % 2 == 0, device=device)
-                    for i, layer in enumerate(model.routed)
+                    for i, layer in enumerate(model.gated)
                 }
             )
         return model.generate(prompt, n, temperature=0, use_cache=True, cache=cache)

@@ -42,7 +42,7 @@ TUNED_BUFFERS = ("score_offset", "recent_inputs", "recent_count")  # saved with 
 
 @dataclass
 class MindSkipConfig:
-    skip: str = "attn"  # attn | mlp | block: the sublayer each routed layer may skip
+    skip: str = "attn"  # attn | mlp | block: the sublayer each gated layer may skip
     skip_layers: str = ""  # 0-based layers to gate, e.g. "2,3,4"; "": upper half minus the last
     router_level: str = "sequence"  # sequence: one gate per sequence | token: one per token
     target_capacity: float = 0.5  # share of gated sublayers that should stay open
@@ -76,7 +76,7 @@ class MindSkipConfig:
             raise ValueError(f"--skip_layers lists a layer twice: {self.skip_layers!r}")
         return sorted(layers)
 
-    def routed_layers(self, n_layer):
+    def gated_layers(self, n_layer):
         """Layers that get a gate in an n_layer model. Default: n_layer // 2 layers ending just
         before the last one (as the paper and its code). The last layer is never gated: the
         official code keeps it dense, and we refuse a list that names it."""
@@ -116,15 +116,15 @@ class MindSkipGPT(GPT):
     def __init__(self, config, settings):
         super().__init__(config)
         self.settings = settings
-        self.routed = settings.routed_layers(config.n_layer)
+        self.gated = settings.gated_layers(config.n_layer)
         self.routers = nn.ModuleDict({
             str(i): MindSkipGate(config.n_embd, settings.router_level, settings.gate_threshold)
-            for i in self.routed})
+            for i in self.gated})
         self.loss_weights = {"sparsity": settings.sparsity_coef}
         # added to every gate's score; follows the target while tuning (step_score_offset)
         self.register_buffer("score_offset", torch.zeros(()))
         # the last RECENT_INPUTS tuning inputs of each router (a ring) and how many were written
-        ring = torch.zeros(len(self.routed), RECENT_INPUTS, config.n_embd)
+        ring = torch.zeros(len(self.gated), RECENT_INPUTS, config.n_embd)
         self.register_buffer("recent_inputs", ring)
         self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
         self.pending_inputs = []  # this step's router inputs, (layers, rows, d) per micro-batch
@@ -180,7 +180,7 @@ class MindSkipGPT(GPT):
         """Every layer in order, a gated one's gate run by through_gate: (x, gates, scores)."""
         gates, scores = [], []
         for i, block in enumerate(self.transformer.h):
-            if i not in self.routed:
+            if i not in self.gated:
                 x = block(x, self.layer_cache(cache, i))
                 continue
             x, gate, score = self.gated_layer(i, block, x, cache, through_gate)
@@ -280,7 +280,7 @@ class MindSkipGPT(GPT):
         recent = min(count, RECENT_INPUTS, RECENT_STEPS * rows_per_step)
         newest = torch.arange(count - recent, count, device=self.score_offset.device)
         # a quantile: exact for the current routers (a running correction of b lagged behind them)
-        weights = torch.stack([self.routers[str(i)].weight[0] for i in self.routed]).float()
+        weights = torch.stack([self.routers[str(i)].weight[0] for i in self.gated]).float()
         scores = torch.einsum("lnd,ld->ln", self.recent_inputs[:, newest % RECENT_INPUTS], weights)
         logit_tau = math.log(self.settings.gate_threshold / (1 - self.settings.gate_threshold))
         boundary = torch.quantile(scores.flatten(), 1 - self.settings.target_capacity,
@@ -432,10 +432,10 @@ class MindSkipGPT(GPT):
         d, V = self.config.n_embd, self.config.vocab_size
         # (matmul weights, attention FLOPs) of attn, mlp, attn, mlp, ...
         sublayers = [(4 * d * d, attention_flops(d, T)), (8 * d * d, 0)] * self.config.n_layer
-        first_gate = 2 * min(self.routed) + (self.settings.skip == "mlp")  # gradients start after
+        first_gate = 2 * min(self.gated) + (self.settings.skip == "mlp")  # gradients start after
         total = sum(2 * w + a / 3 if s <= first_gate else 4 * w + a
                     for s, (w, a) in enumerate(sublayers))
-        return total + 4 * d * V + 6 * d * len(self.routed)
+        return total + 4 * d * V + 6 * d * len(self.gated)
 
     def inference_flops_per_token(self, seq_len=None, capacity=None):
         """Forward FLOPs per token (a third of the training convention) when `capacity` of the
@@ -446,5 +446,5 @@ class MindSkipGPT(GPT):
         weights, attention = self.gated_costs(T)
         key_share = c if self.settings.router_level == "token" else 1.0
         saved = (1 - c) * 6 * weights + (attention - c * key_share * attention)
-        routers = 6 * self.config.n_embd * len(self.routed)
-        return (GPT.flops_per_token(self, T) - len(self.routed) * saved + routers) / 3
+        routers = 6 * self.config.n_embd * len(self.gated)
+        return (GPT.flops_per_token(self, T) - len(self.gated) * saved + routers) / 3

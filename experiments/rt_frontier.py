@@ -147,7 +147,7 @@ def static_runs(init_from, tune_base, preset):
     tokens = np.fromfile(checkpoint.data_dir(tune_base["dataset"]) / "train.bin", dtype=np.uint16)
     # the start of the tuning slice
     idx = torch.from_numpy(tokens[: 64 * T].astype(np.int64)).view(64, T)
-    candidates = MindSkipConfig().routed_layers(dense.config.n_layer)
+    candidates = MindSkipConfig().gated_layers(dense.config.n_layer)
     runs = []
     for skip in preset["skips"]:
         scores = redundancy(dense, idx, skip)

@@ -47,7 +47,7 @@ def split_the_gates(model, idx, seed=0):
     the tokens (token level): some gates open, others close. Random routers decide alike almost
     everywhere: position embeddings and LayerNorm biases give all features a shared part."""
     g = torch.Generator().manual_seed(seed)
-    for i in model.routed:  # in order: a router changes only the inputs of later layers
+    for i in model.gated:  # in order: a router changes only the inputs of later layers
         seen = []
         hook = model.routers[str(i)].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
         with torch.no_grad():
@@ -83,8 +83,8 @@ def hand_forward_without_gated_sublayers(dense, idx, skip):
 
 def record_gates(model):
     """Forward hooks that append each router's decisions (True = open), keyed by layer."""
-    opened = {i: [] for i in model.routed}
-    for i in model.routed:
+    opened = {i: [] for i in model.gated}
+    for i in model.gated:
         model.routers[str(i)].register_forward_hook(lambda m, inp, out, i=i: opened[i].append(out[0].detach() > 0))
     return opened
 
@@ -275,9 +275,9 @@ def test_a_layer_outside_the_model_is_refused_when_the_model_is_built():
 
 
 def test_default_layers_are_the_upper_half_minus_the_last_and_explicit_ones_are_kept():
-    assert MindSkipConfig().routed_layers(12) == [5, 6, 7, 8, 9, 10]
-    assert MindSkipConfig().routed_layers(4) == ROUTED
-    assert MindSkipConfig(skip_layers=" 2, 0").routed_layers(4) == [0, 2]
+    assert MindSkipConfig().gated_layers(12) == [5, 6, 7, 8, 9, 10]
+    assert MindSkipConfig().gated_layers(4) == ROUTED
+    assert MindSkipConfig(skip_layers=" 2, 0").gated_layers(4) == [0, 2]
 
 
 def test_gating_the_last_layer_is_refused_as_the_official_code_never_gates_it():

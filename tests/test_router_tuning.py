@@ -83,7 +83,7 @@ def router_inputs(model, idx):
     """The mean feature each router reads on idx, keyed by layer."""
     seen = {}
     hooks = [model.routers[str(i)].register_forward_pre_hook(lambda m, inp, i=i: seen.setdefault(i, inp[0]))
-             for i in model.routed]
+             for i in model.gated]
     model(idx)
     for h in hooks:
         h.remove()
