@@ -90,22 +90,23 @@ def add_all(x, terms):
 
 # --- the attention of each assembly, module order in and out -------------------------------
 def attend_per_module(qkv, chosen, choices, n_modules, n_head, dropout_p=0.0):
-    """per_module, no cache: assembly k of batch row b (attention row k * B + b) is the causal
-    sequence of row b's non-SKIP k-th choices, gathered straight from qkv (module order) into
-    packed rows and the outputs gathered straight back: two gathers, no zeros."""
+    """per_module, no cache: chosen (B, T, K) holds module ids (n_modules = SKIP), choices (S,)
+    the choice numbers (b*T+t)*K+k sorted by module (router.sort_choices_by_module). Assembly k
+    of batch row b (attention row k * B + b) is the causal sequence of row b's non-SKIP k-th
+    choices, gathered from qkv (module order) into packed rows and back: two gathers, no zeros."""
     B, T, K = chosen.shape
     S, device = choices.numel(), choices.device
     kept = (chosen != n_modules).permute(2, 0, 1).reshape(K * B, T)
-    position, real = pack_mask(kept)  # (K*B, n): each row's kept positions, then padding
+    position, valid = pack_mask(kept)  # (K*B, n): each row's kept positions, then padding
     row = torch.arange(K * B, device=device)[:, None]
     choice = ((row % B) * T + position) * K + row // B  # the choice each packed entry holds
     place = torch.zeros(B * T * K, dtype=torch.long, device=device).index_copy_(
         0, choices, torch.arange(S, device=device))  # each choice's place in module order
-    source = torch.where(real, place[choice], 0)  # padding reads row 0: it follows real tokens
+    source = torch.where(valid, place[choice], 0)  # padding reads row 0: it follows valid ones
     packed = qkv.index_select(0, source.flatten()).view(*source.shape, -1)
     y = causal_attention(packed, n_head, dropout_p=dropout_p)  # (K*B, n, C)
-    entry = torch.arange(source.numel(), device=device)[real.flatten()]
-    back = torch.empty(S, dtype=torch.long, device=device).index_copy_(0, source[real], entry)
+    entry = torch.arange(source.numel(), device=device)[valid.flatten()]
+    back = torch.empty(S, dtype=torch.long, device=device).index_copy_(0, source[valid], entry)
     return y.reshape(-1, y.size(-1)).index_select(0, back)  # module order again
 
 
@@ -365,8 +366,7 @@ class MoMGPT(GPT):
             "mom_balance": aux["mom_balance"].item(),
             "modules_used": self.settings.modules_per_step * (attn_kept + ffn_kept) / 2,
             "skip_rate": 1 - (attn_kept + ffn_kept) / 2,
-            "attn_skip_rate": 1 - attn_kept,
-            "ffn_skip_rate": 1 - ffn_kept,
+            "attn_skip_rate": 1 - attn_kept, "ffn_skip_rate": 1 - ffn_kept,
             "flops_per_token": self.routing_flops_per_token(self.last_routing),
         }
 
