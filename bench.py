@@ -54,7 +54,7 @@ class BenchConfig:
     max_new_tokens: int = 200  # with --decode: tokens generated per timed generation
     decode_batch: int = 1  # with --decode: sequences generated at once
     decode_repeats: int = 3  # timed generations per model; the fastest counts
-    seed: int = 0  # the models' initialisation and the random tokens
+    seed: int = 0  # the models' initialisation and the random tokens (0 .. 2**63 - 1)
     compare_kernels: bool = False  # variants with a `kernels` setting: Triton vs PyTorch
     checkpoints: str = ""  # comma-separated checkpoint dirs/files: measure these trained models
     prefill: bool = False  # with --checkpoints: val loss and forward time over the whole val set
@@ -73,6 +73,8 @@ class BenchConfig:
             raise ValueError(f"--n_head {self.n_head} must divide --n_embd {self.n_embd}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
 
 
 def parse_args(argv):

@@ -56,6 +56,7 @@ class Batches:
         self.files = {s: data_dir(dataset) / f"{s}.bin" for s in ("train", "val")}
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.samples = samples
+        self.itos = char_vocabulary(dataset)  # read once: the ids this run trains on
         self.generator = torch.Generator().manual_seed(seed)
         # this epoch's windows, and the next one to take
         self.order, self.position = torch.empty(0, dtype=torch.long), 0

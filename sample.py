@@ -47,8 +47,8 @@ class SampleConfig:
                              f"got {self.temperature}")
         if self.top_k < 0:
             raise ValueError("--top_k must be >= 0")
-        if not 0 <= self.seed < 2**64:
-            raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # what torch.manual_seed takes, as in train.py
+            raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
 
 
 def parse_args(argv):
@@ -62,12 +62,18 @@ def parse_args(argv):
 
 
 def load(cfg):
-    """(model, its characters (id -> character) or None for GPT-2 BPE) from a checkpoint or
-    the hub."""
+    """(model, its characters (id -> character) or None, GPT-2's BPE or None) from a checkpoint
+    or the hub. Before a download of weights the tokenizer comes first: offline, it fails too."""
     if cfg.init_from != "resume" and is_gpt2_weights(cfg.init_from):
-        return pretrained(cfg.init_from), None
+        encoding = None if Path(cfg.init_from).exists() else gpt2_encoding(cfg.bpe_ranks)
+        model = pretrained(cfg.init_from)
+        return model, None, encoding or gpt2_encoding(cfg.bpe_ranks)
     model, ckpt = load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)
-    return model, vocabulary(ckpt, model.config.vocab_size)
+    itos = vocabulary(ckpt, model.config.vocab_size)
+    if itos is not None and cfg.bpe_ranks:
+        fail(f"--bpe_ranks: this checkpoint is a character model with its own {len(itos)} "
+             f"characters; leave --bpe_ranks out")
+    return model, itos, (gpt2_encoding(cfg.bpe_ranks) if itos is None else None)
 
 
 def vocabulary(ckpt, vocab):
@@ -87,9 +93,9 @@ def vocabulary(ckpt, vocab):
     return itos
 
 
-def tokenizer(itos, bpe_ranks, vocab):
-    """(encode, decode) with the model's characters, else GPT-2's BPE. An id past the tokenizer's
-    (GPT-2's padding to 50304, never trained on) decodes as U+FFFD."""
+def tokenizer(itos, enc, vocab, bpe_ranks=""):
+    """(encode, decode) with the model's characters, else GPT-2's BPE enc. An id past the
+    tokenizer's (GPT-2's padding to 50304, never trained on) decodes as U+FFFD."""
     if itos is not None:
         stoi = {ch: i for i, ch in enumerate(itos)}
 
@@ -100,7 +106,6 @@ def tokenizer(itos, bpe_ranks, vocab):
             return [stoi[c] for c in s]
 
         return encode, lambda ids: "".join(itos[i] if i < len(itos) else "\ufffd" for i in ids)
-    enc = gpt2_encoding(bpe_ranks)
     if enc.n_vocab > vocab:
         fail(f"{bpe_ranks or 'GPT-2 BPE'} has {enc.n_vocab} tokens, more than the model's "
              f"{vocab}: pass the --bpe_ranks the model was trained with")
@@ -113,16 +118,21 @@ def tokenizer(itos, bpe_ranks, vocab):
     return (lambda s: enc.encode(s, allowed_special="all")), decode
 
 
+# GPT-2's pre-tokenizer split (tiktoken's r50k_base pattern): contractions, letters, digits,
+# other symbols, each with an optional leading space; then whitespace
+GPT2_SPLIT = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)"
+              r"|\s")
+
+
 def gpt2_encoding(bpe_ranks):
-    """tiktoken's GPT-2 encoding: downloaded (then cached) by tiktoken, or built the way
-    tiktoken_ext/openai_public.py builds it (GPT-2's split pattern, <|endoftext|> after the
-    last rank) from the local ranks file --bpe_ranks."""
+    """tiktoken's GPT-2 encoding: downloaded (then cached) by tiktoken, or built as tiktoken
+    builds it (GPT-2's split, <|endoftext|> after the last rank) from the local ranks file
+    --bpe_ranks."""
     import tiktoken
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     if bpe_ranks:
         ranks = read_ranks(Path(bpe_ranks))
-        return tiktoken.Encoding("gpt2_local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={ENDOFTEXT: max(ranks.values()) + 1})
+        return tiktoken.Encoding("gpt2_local", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": len(ranks)})
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline, a proxy, a bad cache: whatever the download raised
@@ -146,6 +156,8 @@ def read_ranks(path):
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             fail(f"--bpe_ranks: line {n} of {path} is not 'base64-token rank' (tiktoken's format)")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        fail(f"--bpe_ranks: the ranks of {path} are not 0 .. N-1, each once")
     if any(bytes([b]) not in ranks for b in range(256)):
         fail(f"--bpe_ranks: {path} lacks some of the 256 one-byte tokens: not byte-level BPE ranks")
     return ranks
@@ -205,9 +217,9 @@ def main(argv):
     cfg = parse_args(argv)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, itos = load(cfg)
+    model, itos, encoding = load(cfg)
     model.eval().to(device)
-    encode, decode = tokenizer(itos, cfg.bpe_ranks, model.config.vocab_size)
+    encode, decode = tokenizer(itos, encoding, model.config.vocab_size, cfg.bpe_ranks)
     ids = encode(read_prompt(cfg.start))
     if not ids:
         fail("--start: the prompt is empty: pass at least one character")

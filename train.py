@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (dense_model, file_sha256, is_gpt2_weights, load_model, pick_device,
                         read_checkpoint, save_checkpoint)
 from configurator import fail
-from dataset import Batches, char_vocabulary, ensure_data, vocab_size
+from dataset import Batches, ensure_data, vocab_size
 from model import GPTConfig
 from train_config import DTYPES, TrainConfig, check_out_dir, parse_args, resume_settings
 from variants import VARIANTS
@@ -228,6 +228,7 @@ def setup(cfg, settings, ckpt):
         run.saved = (run.iter_num, ckpt.get("val_loss", run.best_val_loss))
         torch.set_rng_state(ckpt["rng"]["torch"])
         batches.load_state(ckpt["rng"])
+        batches.itos = ckpt.get("itos", batches.itos)  # the characters it was trained on
     elif model.starts_from_dense:
         run.base = base_pointer(cfg)
     compiled, why = compile_choice(cfg.compile, device_type)
@@ -263,7 +264,7 @@ def save(run, val_loss=None):
         "model": run.raw_model.checkpoint_state_dict(), "model_args": asdict(run.raw_model.config),
         "variant": run.cfg.variant, "variant_args": asdict(run.settings) if run.settings else {},
         "optimizer": run.optimizer.state_dict(), "iter_num": run.iter_num,
-        "best_val_loss": run.best_val_loss, "itos": char_vocabulary(run.cfg.dataset),
+        "best_val_loss": run.best_val_loss, "itos": run.batches.itos,
         "val_loss": val_loss, "config": asdict(run.cfg),
         "rng": {"torch": torch.get_rng_state(), **run.batches.state()},
     }

@@ -83,7 +83,7 @@ class TrainConfig:
         for flag in ("dropout", "beta1", "beta2"):
             if not 0 <= getattr(self, flag) < 1:
                 raise ValueError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
-        if not 0 <= self.seed < 2**63:  # what torch.manual_seed and the eval seed (+1) take
+        if not 0 <= self.seed < 2**63:  # a signed 64-bit seed, also for the eval seed (+1)
             raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, "
@@ -125,7 +125,8 @@ def parse_args(argv, usage=""):
     settings_cls = VARIANTS[variant][1]
     settings = build(settings_cls, variant_values) if settings_cls else None
     cfg = build(TrainConfig, {**variant_defaults(variant, train_values), **train_values})
-    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # after the variant's own defaults
+    # after the variant's own defaults; a resumed run keeps the rates it was trained with
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate and cfg.init_from != "resume":
         fail(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}: the decay "
              f"would raise the rate; pass a lower --min_lr (usually learning_rate / 10)")
     return cfg, settings, set(raw)

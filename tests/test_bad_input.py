@@ -70,3 +70,7 @@ def test_course_make_out_that_is_a_file_is_one_line(tmp_path, capsys, args, unde
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "choose a new folder" in err and str(out) in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_bench_seed_torch_cannot_take_is_one_line(capsys):
+    assert "--seed" in refused(["--seed=18446744073709551616"], capsys)

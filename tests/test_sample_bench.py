@@ -150,15 +150,36 @@ def test_gpt2_bpe_offline_says_how_to_pass_local_ranks_and_uses_them(tmp_path, c
     assert "ConnectionError" in err and "--bpe_ranks=PATH" in err
     ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256}  # the bytes and one merge
     path = write_ranks(tmp_path / "tiny.tiktoken", ranks)
-    encode, decode = sample.tokenizer(None, str(path), 50304)
+    encode, decode = sample.tokenizer(None, sample.gpt2_encoding(str(path)), 50304)
     assert encode("abab<|endoftext|>") == [256, 256, 257] and decode([256, 99, 257, 300]) == "abc<|endoftext|>\ufffd"
     text = sample_text(capsys, run, f"--bpe_ranks={path}", "--start=ab ab")
     assert text.startswith("ab ab")  # the model's padding ids (258 to 50303) decode as U+FFFD
     write_ranks(path, {b"ab": 0})
     assert "one-byte" in user_error(capsys, sample.main, [f"--out_dir={run}", f"--bpe_ranks={path}", "--device=cpu"])
+    write_ranks(path, {bytes([b]): b for b in range(256)} | {b"ab": 7})  # rank 7 twice
+    assert "each once" in user_error(capsys, sample.main, [f"--out_dir={run}", f"--bpe_ranks={path}", "--device=cpu"])
     path.write_text("not base64 at all\n")
     assert "line 1" in user_error(capsys, sample.main, [f"--out_dir={run}", f"--bpe_ranks={path}", "--device=cpu"])
     assert "nowhere" in user_error(capsys, sample.main, [f"--out_dir={run}", "--bpe_ranks=nowhere", "--device=cpu"])
+
+
+def test_the_tokenizer_is_checked_before_gpt2_weights_download(capsys, monkeypatch):
+    def offline(name):
+        raise requests.exceptions.ConnectionError("no network")
+
+    def download(*args, **kwargs):
+        raise AssertionError("the weights were fetched before the tokenizer was checked")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(sample, "pretrained", download)
+    assert "--bpe_ranks=PATH" in user_error(capsys, sample.main, ["--init_from=gpt2", "--device=cpu"])
+
+
+def test_bpe_ranks_with_a_character_checkpoint_is_refused(dataset, tmp_path, capsys):
+    train.main(tiny_flags(dataset, tmp_path, max_iters=1))
+    err = user_error(capsys, sample.main, [f"--out_dir={tmp_path}", "--bpe_ranks=x.tiktoken",
+                                           "--device=cpu"])
+    assert "--bpe_ranks" in err and "character model" in err
 
 
 TINY_BENCH = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=64", "--device=cpu"]

@@ -377,3 +377,24 @@ def test_gpt2_offline_is_one_line_that_says_how_to_use_local_weights(dataset, tm
     monkeypatch.setenv("NANODEPTH_CACHE", str(tmp_path / "cache"))
     err = user_error(capsys, train.main, tiny_flags(dataset, tmp_path / "out", init_from="gpt2"))
     assert "gpt2" in err and "local" in err and not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_keeps_the_characters_it_was_trained_on(dataset, tmp_path):
+    train.main(tiny_flags(dataset, tmp_path, max_iters=1, eval_interval=1))
+    meta_path = Path(dataset) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["itos"] = {i: ch.upper() for i, ch in meta["itos"].items()}  # re-prepared in between
+    meta_path.write_text(json.dumps(meta))
+    train.main(tiny_flags(dataset, tmp_path, init_from="resume", max_iters=2, eval_interval=1))
+    itos = torch.load(tmp_path / "ckpt.pt", weights_only=True)["itos"]
+    assert itos == [chr(ord("a") + i) for i in range(16)]
+
+
+def test_resume_is_not_refused_for_rates_an_earlier_version_allowed(dataset, tmp_path):
+    train.main(tiny_flags(dataset, tmp_path, max_iters=1, eval_interval=1))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["config"].update(learning_rate=5e-5, min_lr=1e-4)  # min_lr above: accepted before
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train.main(tiny_flags(dataset, tmp_path, init_from="resume", max_iters=2, eval_interval=1,
+                          learning_rate=5e-5))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 2

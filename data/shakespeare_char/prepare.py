@@ -122,7 +122,8 @@ def read_text(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        stop(f"Cannot read {path}: {e}")
+        stop(f"Cannot read {path} as UTF-8 text ({e}); pass a text file with --input, or "
+             f"delete a damaged download and run again")
 
 
 def main(argv=None):
