@@ -135,10 +135,13 @@ def load_model(path, ckpt=None):
 
 
 def is_gpt2_weights(init_from):
-    """A hub name (gpt2, gpt2-medium, ...), a .safetensors file, or a folder holding
-    model.safetensors."""
+    """A hub name (gpt2, gpt2-medium, ..., or owner/name such as openai-community/gpt2), a
+    .safetensors file, or a folder holding model.safetensors. A missing `run/ckpt.pt` is no hub
+    name: it has a suffix."""
     path = Path(init_from)
-    hub_name = init_from.startswith("gpt2") and not path.exists()
+    owner_name = (init_from.count("/") == 1 and not path.suffix
+                  and not init_from.startswith((".", "/", "~")))
+    hub_name = (init_from.startswith("gpt2") or owner_name) and not path.exists()
     return hub_name or path.suffix == ".safetensors" or (path / "model.safetensors").exists()
 
 

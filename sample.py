@@ -19,6 +19,7 @@ import torch
 from checkpoint import data_dir, is_gpt2_weights, load_model, pick_device, pretrained
 from configurator import build, fail, parse_value, read_flags
 from dataset import char_vocabulary
+from gpt2_weights import looks_like_path
 
 GPT2_VOCAB = 50257  # GPT-2's BPE: 50,256 byte-level tokens and <|endoftext|>
 
@@ -65,7 +66,8 @@ def load(cfg):
     """(model, its characters (id -> character) or None, GPT-2's BPE or None) from a checkpoint
     or the hub. Before a download of weights the tokenizer comes first: offline, it fails too."""
     if cfg.init_from != "resume" and is_gpt2_weights(cfg.init_from):
-        encoding = None if Path(cfg.init_from).exists() else gpt2_encoding(cfg.bpe_ranks)
+        downloads = not (Path(cfg.init_from).exists() or looks_like_path(cfg.init_from))
+        encoding = gpt2_encoding(cfg.bpe_ranks) if downloads else None
         model = pretrained(cfg.init_from)
         return model, None, encoding or gpt2_encoding(cfg.bpe_ranks)
     model, ckpt = load_model(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)

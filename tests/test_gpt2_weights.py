@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 from gpt2_weights import load_safetensors
 from model import GPT
 from test_model import all_logits, sample_tokens
@@ -337,3 +338,11 @@ def test_a_missing_init_from_path_is_one_line_in_sample_py(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"--init_from {missing}: no file at {missing}" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, is_weights", [
+    ("gpt2", True), ("gpt2-medium", True), ("openai-community/gpt2", True),
+    ("out", False), ("runs/ckpt.pt", False), ("./owner/name", False), ("scratch", False)])
+def test_init_from_names_are_told_apart(name, is_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # none of these exists here
+    assert checkpoint.is_gpt2_weights(name) is is_weights
