@@ -23,6 +23,7 @@ import io
 import json
 import math
 import sys
+import tempfile
 import textwrap
 import tokenize
 from pathlib import Path
@@ -176,3 +177,19 @@ def import_optional(name, *attributes):
             sys.modules["kernels"] = before
         elif before is None:
             sys.modules.pop("kernels", None)  # a later `import kernels` finds kernels.py
+
+
+def check_output_folder(flag, folder):
+    """A folder a run creates or fills may be missing, but not be a file or lie under one, and a
+    folder must be makeable where it goes (tried with a throwaway one, removed at once: os.access
+    says yes to /proc for root). Checked before minutes of work, not after."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{flag} {folder}: {existing} is a file, not a folder; pick another {flag}")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        fail(f"{flag} {folder}: cannot make a folder in {existing} ({e.strerror}); "
+             f"pick another {flag}")

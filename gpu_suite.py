@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import build, fail, parse_value, read_flags
+from configurator import build, check_output_folder, fail, parse_value, read_flags
 from gpu_jobs import VARIANTS
 
 ROOT = Path(__file__).resolve().parent
@@ -93,7 +93,7 @@ def parse_args(argv):
             fail(f"--variants / --compiled: unknown variant {name!r}; "
                  f"choose from {', '.join(VARIANTS)}")
     check_compiled(cfg.compiled)
-    check_out_dir(cfg.out_dir)
+    check_output_folder("--out_dir", cfg.out_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda: no CUDA GPU is visible to PyTorch; use --device=cpu for the dry run")
     return cfg, names
@@ -110,15 +110,6 @@ def check_compiled(compiled):
         if colon and kernels not in ("torch", "triton"):
             fail(f"--compiled: {case!r} names kernels {kernels!r}; use torch or triton "
                  f"(e.g. {name}:triton)")
-
-
-def check_out_dir(out_dir):
-    """--out_dir may be missing (it is created), but not be a file or lie under one."""
-    folder = Path(out_dir).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        fail(f"--out_dir {out_dir}: {folder} is a file, not a folder; pick another --out_dir")
 
 
 # --- the plan ---------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ Flag values come from configurator.read_flags (command line and config files); t
 TrainConfig's defaults, then the variant's train_defaults, then what the user gave.
 """
 
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from configurator import build, fail, parse_value, read_flags
+from configurator import build, check_output_folder, fail, parse_value, read_flags
 from variants import VARIANTS, default_out_dir, owners, settings_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,17 +177,9 @@ def resume_settings(cfg, settings, given, ckpt):
 
 def check_out_dir(cfg):
     """Refuse an --out_dir a new run cannot write, before any model or data is built: one
-    holding a checkpoint (unless --overwrite), a file, or a place where no folder can be made
-    (tried with a throwaway folder, removed at once)."""
+    holding a checkpoint (unless --overwrite), a file, or a place where no folder can be made."""
     out = Path(cfg.out_dir)
     if (out / "ckpt.pt").exists() and not cfg.overwrite:
         fail(f"{out} already holds a checkpoint: pick another --out_dir, continue it with "
              f"--init_from=resume, or pass --overwrite=True to replace it")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        fail(f"--out_dir {out}: {existing} is a file, not a folder; pick another --out_dir")
-    try:
-        tempfile.TemporaryDirectory(dir=existing).cleanup()
-    except OSError as e:
-        fail(f"--out_dir {out}: cannot make a folder in {existing} ({e.strerror}); "
-             f"pick another --out_dir")
+    check_output_folder("--out_dir", out)
