@@ -264,8 +264,8 @@ class MoMChunk(nn.Module):
         return x
 
     def one_token_per_module_attention(self, x, probs, chosen, cache):
-        """x + sum_k p_k A_{m_k}(x): choice k attends with its module's q/k/v over cache.row(k);
-        a SKIP writes nothing."""
+        """x + sum_k p_k A_{m_k}(x): choice k attends with its module's q/k/v over cache.row(k)
+        (decoding runs B = 1, so assembly row k * B + b is k); a SKIP writes nothing."""
         def attend(k, module):
             qkv = module.attn.c_attn(module.ln_1(x))
             return module.attn.c_proj(causal_attention(qkv, self.config.n_head, cache.row(k)))
@@ -289,8 +289,7 @@ class MoMGPT(GPT):
         P = settings.layers_per_chunk(config.n_layer)
         s = self.settings = replace(  # replace() validates again
             settings, n_attn_modules=settings.n_attn_modules or P,
-            n_ffn_modules=settings.n_ffn_modules or P,
-            assembly_steps=settings.assembly_steps or P)
+            n_ffn_modules=settings.n_ffn_modules or P, assembly_steps=settings.assembly_steps or P)
         self.loss_weights = {"mom_balance": s.balance_coef}
         self.bottom = nn.ModuleList(Block(config) for _ in range(s.bottom_layers))
         self.chunks = nn.ModuleList(
@@ -440,6 +439,7 @@ class MoMGPT(GPT):
         pairs += [(block, next(layers)) for block in model.bottom]
         for chunk in model.chunks:
             chunk_layers = [next(layers) for _ in range(P)]
+            # a pool module's parts are named as the Block's (ln_1, attn / ln_2, mlp)
             pairs += [(sub, getattr(chunk_layers[i * P // len(pool)], part))
                       for pool in (chunk.attn_pool, chunk.ffn_pool)
                       for i, module in enumerate(pool) for part, sub in module.items()]
